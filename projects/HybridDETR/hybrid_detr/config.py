@@ -1,0 +1,100 @@
+"""Config keys of HybridDETR, added to a detectron2 config by `add_hybrid_detr_config`.
+
+Every key has a default here, so a typo in a YAML file or on the command line is rejected by
+detectron2 ("Non-existent config key").
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_hybrid_detr_config(cfg):
+    cfg.MODEL.HYBRID_DETR = CN()
+    model = cfg.MODEL.HYBRID_DETR
+    # "deformable" (baseline), "dac", "smca", "co_detr", or several joined by "+" ("smca+dac").
+    model.DECODER_MODE = "deformable"
+    model.NUM_CLASSES = 80
+    model.IN_FEATURES = ["res3", "res4", "res5"]
+    # Levels beyond IN_FEATURES are made by 3x3 stride-2 convs on the last one.
+    model.NUM_FEATURE_LEVELS = 4
+    model.HIDDEN_DIM = 256
+    model.NHEADS = 8
+    model.ENC_LAYERS = 6
+    model.DEC_LAYERS = 6
+    model.DIM_FEEDFORWARD = 1024
+    model.DROPOUT = 0.1
+    model.ENC_N_POINTS = 4
+    model.DEC_N_POINTS = 4
+    model.NUM_QUERIES = 300
+    model.WITH_BOX_REFINE = False
+    model.TWO_STAGE = False
+    model.AUX_LOSS = True
+    # Loss weights (focal, L1, GIoU) and the Hungarian matcher's costs.
+    model.FOCAL_ALPHA = 0.25
+    model.FOCAL_GAMMA = 2.0
+    model.CLASS_WEIGHT = 2.0
+    model.L1_WEIGHT = 5.0
+    model.GIOU_WEIGHT = 2.0
+    model.COST_CLASS = 2.0
+    model.COST_BBOX = 5.0
+    model.COST_GIOU = 2.0
+
+    _add_dac_config(model)
+    _add_smca_config(model)
+    _add_co_detr_config(model)
+    _add_solver_and_input_config(cfg)
+
+
+def _add_dac_config(model):
+    """DAC-DETR: the C-decoder (no self-attention) trained one-to-many."""
+    model.DAC = CN()
+    dac = model.DAC
+    # Matching score = IOU_WEIGHT * IoU(pred, gt) + CLS_WEIGHT * p(gt class).
+    dac.MATCH_IOU_WEIGHT = 0.7
+    dac.MATCH_CLS_WEIGHT = 0.3
+    dac.SCORE_THRESHOLD = 0.4
+    dac.TOPK_PER_GT = 6
+    dac.MAX_POSITIVES = 75  # per image
+    # C-branch losses are normalised by num_boxes * LOSS_NORM_FACTOR.
+    dac.LOSS_NORM_FACTOR = 3.0
+    # Official-code variants: score the C-branch's classes against the O-branch's boxes, and feed
+    # the C-branch at layer 0 with the O-branch's layer-0 self-attention output.
+    dac.MATCH_AGAINST_O_BOXES = False
+    dac.C_INPUT_FROM_O_SELF_ATTN = False
+    # "focal", or "iou_aware_bce" (Align-DETR's loss, the paper's "*" rows).
+    dac.CLS_LOSS = "focal"
+
+
+def _add_smca_config(model):
+    """SMCA: Gaussian-modulated co-attention in the decoder."""
+    model.SMCA = CN()
+    smca = model.SMCA
+    smca.BETA = 8.0
+    # One Gaussian per head (True in the paper's multi-head variant) or one shared by all heads.
+    smca.PER_HEAD = True
+    # Encoder levels the dense co-attention attends to (indices into the feature levels).
+    smca.LEVELS = [0, 1, 2, 3]
+    # Apply the Gaussian prior to deformable attention weights instead of dense co-attention.
+    smca.DEFORMABLE = False
+
+
+def _add_co_detr_config(model):
+    """Co-DETR: auxiliary one-to-many heads on the encoder and their customized positive queries."""
+    model.CO_DETR = CN()
+    co = model.CO_DETR
+    co.NUM_AUX_HEADS = 2  # 0: none, 1: ATSS, 2: ATSS + Faster R-CNN
+    co.LAMBDA1 = 1.0  # weight of the decoder losses on the customized positive queries
+    co.LAMBDA2 = 2.0  # weight of the auxiliary heads' own losses
+    co.MIN_POS_QUERIES = 9
+    co.MAX_POS_QUERIES = 300
+    co.ATSS_TOPK = 9
+    co.ATSS_ANCHOR_SCALE = 8.0  # anchor side = scale * stride
+
+
+def _add_solver_and_input_config(cfg):
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Deformable DETR trains the offset and reference-point projections at lr * 0.1 too.
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_NAMES = ["sampling_offsets", "reference_points"]
+    # DETR augmentation: with probability 0.5, resize to one of these shortest sides and crop
+    # (INPUT.CROP) before the multi-scale resize.
+    cfg.INPUT.DETR_CROP_RESIZE = [400, 500, 600]

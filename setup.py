@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Installs the `hybrid_detr` package and builds its C++/CUDA extension `hybrid_detr._C`.
+
+CPU kernels are always built. CUDA kernels are built when PyTorch has CUDA and a CUDA toolkit is
+found; `FORCE_CUDA=1` makes a missing toolkit an error, `HYBRID_DETR_NO_CUDA=1` skips CUDA.
+Build with `pip install -e . --no-build-isolation` (an isolated build would pull a second torch).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.join("projects", "HybridDETR")
+
+
+def _find_cuda_home():
+    """The toolkit root: CUDA_HOME/CUDA_PATH, else the root behind `nvcc`, else /usr/local/cuda.
+
+    torch's own guess takes the parent of the first `nvcc` on PATH, which is wrong when that `nvcc`
+    is a wrapper script in /usr/local/bin; so we accept a root only if it holds `cuda_runtime.h`.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _want_cuda(torch_has_cuda, cuda_home):
+    if os.environ.get("HYBRID_DETR_NO_CUDA", "0") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if not (torch_has_cuda and cuda_home):
+            raise RuntimeError(
+                "FORCE_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch_has_cuda!r}, CUDA toolkit root={cuda_home!r}. "
+                "Install a CUDA build of torch and set CUDA_HOME to the toolkit."
+            )
+        return True
+    return bool(torch_has_cuda and cuda_home)
+
+
+def get_extensions():
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    define_macros = []
+    extra_compile_args = {"cxx": ["-O3"]}
+    extension = CppExtension
+    if _want_cuda(torch.version.cuda, cuda_home):
+        extension = CUDAExtension
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to ask: build for Ampere and Hopper, plus PTX for newer GPUs.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print(f"hybrid_detr: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+    else:
+        print("hybrid_detr: building CPU kernels only")
+    return [
+        extension(
+            "hybrid_detr._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+        )
+    ]
+
+
+def _link_configs():
+    """Ship configs/ as package data under hybrid_detr/model_zoo/configs (as detectron2 does)."""
+    source = os.path.join(ROOT, "configs")
+    target = os.path.join(ROOT, PACKAGE_DIR, "hybrid_detr", "model_zoo", "configs")
+    if os.path.islink(target) or os.path.exists(target):
+        return
+    try:
+        os.symlink(source, target)
+    except OSError:  # filesystems without symlinks
+        shutil.copytree(source, target)
+
+
+if __name__ == "__main__":
+    from torch.utils.cpp_extension import BuildExtension
+
+    _link_configs()
+    setup(
+        name="hybrid_detr",
+        version="0.1.0",
+        description="DAC-DETR, SMCA and Co-DETR decoders on Deformable-DETR, as a detectron2 project",
+        package_dir={"": PACKAGE_DIR},
+        packages=find_packages(PACKAGE_DIR),
+        package_data={"hybrid_detr.model_zoo": ["configs/*.yaml", "configs/**/*.yaml"]},
+        python_requires=">=3.9",
+        install_requires=["scipy", "fvcore", "pycocotools"],  # detectron2 and torch: see README
+        ext_modules=get_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
