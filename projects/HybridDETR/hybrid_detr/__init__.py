@@ -14,3 +14,4 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from .config import add_hybrid_detr_config  # noqa: F401,E402
+from . import modeling  # noqa: F401,E402  (registers the HybridDETR meta-architecture)

@@ -1,0 +1,2 @@
+from .meta_arch import BranchInputs, HybridDETR  # noqa: F401  (registers the meta-architecture)
+from .modes import CROSS_ATTENTION_REGISTRY, TRAINING_BRANCH_REGISTRY, parse_decoder_mode  # noqa: F401

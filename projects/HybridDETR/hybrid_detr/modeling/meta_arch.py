@@ -1,0 +1,189 @@
+"""The `HybridDETR` meta-architecture: one image path for every decoder mode.
+
+images -> backbone -> neck -> deformable encoder -> queries (learned or two-stage) -> decoder
+-> training: one-to-one losses + each mode's branch losses; inference: top-k -> Instances.
+"""
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+
+from .criterion import DetectionCriterion, num_boxes_across_workers
+from .matcher import HungarianMatcher
+from .modes import CROSS_ATTENTION_REGISTRY, TRAINING_BRANCH_REGISTRY, parse_decoder_mode
+from .neck import MultiScaleNeck, backbone_levels
+from .transformer import (
+    DecoderOutput,
+    DeformableCrossAttention,
+    DeformableDecoder,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    EncoderMemory,
+    LearnedQueries,
+    PredictionHeads,
+    QueryGroup,
+    TwoStageQueries,
+    build_decoder_layers,
+)
+
+__all__ = ["HybridDETR", "BranchInputs"]
+
+
+CROSS_ATTENTION_REGISTRY.register(DeformableCrossAttention)
+
+
+@dataclass
+class BranchInputs:
+    """What a training branch may use; built once per training step."""
+
+    queries: QueryGroup  # the one-to-one queries, as they entered the decoder
+    memory: EncoderMemory
+    one_to_one: DecoderOutput
+    targets: List[Dict[str, torch.Tensor]]  # per image {"labels", "boxes" cxcywh in [0, 1]}
+    num_boxes: float  # loss normaliser (gt boxes per worker)
+    images: ImageList  # the padded batch (sizes for detectron2 heads)
+    gt_instances: List[Instances]  # absolute-coordinate targets (detectron2 heads)
+    decoder: DeformableDecoder
+    criterion: DetectionCriterion
+
+
+@META_ARCH_REGISTRY.register()
+class HybridDETR(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.MODEL.HYBRID_DETR
+        self.mode = parse_decoder_mode(m.DECODER_MODE)
+        self.num_classes = m.NUM_CLASSES
+        self.aux_loss = m.AUX_LOSS
+        self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+
+        self.backbone = build_backbone(cfg)
+        self.in_features = list(m.IN_FEATURES)
+        in_channels, in_strides = backbone_levels(self.backbone.output_shape(), self.in_features)
+        self.neck = MultiScaleNeck(in_channels, in_strides, m.HIDDEN_DIM, m.NUM_FEATURE_LEVELS)
+        self.level_embed = nn.Parameter(torch.empty(m.NUM_FEATURE_LEVELS, m.HIDDEN_DIM).normal_())
+
+        encoder_layer = DeformableEncoderLayer(
+            m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NUM_FEATURE_LEVELS, m.NHEADS, m.ENC_N_POINTS
+        )
+        self.encoder = DeformableEncoder(encoder_layer, m.ENC_LAYERS)
+        heads = PredictionHeads(m.HIDDEN_DIM, m.NUM_CLASSES, m.DEC_LAYERS, m.WITH_BOX_REFINE, m.TWO_STAGE)
+        cross_attention = CROSS_ATTENTION_REGISTRY.get(self.mode.cross_attention)
+        layers = build_decoder_layers(
+            m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: cross_attention.from_config(cfg)
+        )
+        self.decoder = DeformableDecoder(layers, heads, refine_boxes=m.WITH_BOX_REFINE)
+        if m.TWO_STAGE:
+            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads)
+        else:
+            self.query_source = LearnedQueries(m.NUM_QUERIES, m.HIDDEN_DIM)
+
+        self.matcher = HungarianMatcher(m.COST_CLASS, m.COST_BBOX, m.COST_GIOU, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
+        self.criterion = DetectionCriterion(
+            m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT
+        )
+        self.branches = nn.ModuleDict(
+            {name: TRAINING_BRANCH_REGISTRY.get(name)(cfg, self.neck.strides) for name in self.mode.branches}
+        )
+
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        images, padding_mask = self.preprocess_image(batched_inputs)
+        memory = self.encode(images.tensor, padding_mask)
+        queries, encoder_predictions = self.query_source(memory)
+        one_to_one = self.decoder(queries, memory)
+        if not self.training:
+            return self.inference(one_to_one, images.image_sizes, batched_inputs)
+
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = self.prepare_targets(gt_instances, images.image_sizes)
+        num_boxes = num_boxes_across_workers(targets, self.device)
+        losses = self.criterion.decoder_losses(
+            one_to_one, targets, lambda _, logits, boxes: self.matcher(logits, boxes, targets), num_boxes,
+            aux_loss=self.aux_loss,
+        )
+        if encoder_predictions is not None:
+            logits, boxes = encoder_predictions
+            assignment = self.matcher(logits, boxes, targets)
+            losses.update({f"enc_{k}": v for k, v in self.criterion(logits, boxes, targets, assignment, num_boxes).items()})
+        branch_inputs = BranchInputs(
+            queries, memory, one_to_one, targets, num_boxes, images, gt_instances, self.decoder, self.criterion
+        )
+        for branch in self.branches.values():
+            losses.update(branch(branch_inputs))
+        return losses
+
+    def preprocess_image(self, batched_inputs):
+        """Normalised, padded images and their padding mask (N, H, W), True on padding."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        n, _, h, w = images.tensor.shape
+        padding_mask = torch.ones(n, h, w, dtype=torch.bool, device=self.device)
+        for mask, (img_h, img_w) in zip(padding_mask, images.image_sizes):
+            mask[:img_h, :img_w] = False
+        return images, padding_mask
+
+    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> EncoderMemory:
+        features = self.backbone(images)
+        maps, masks, positions = self.neck([features[f] for f in self.in_features], padding_mask)
+        spatial_shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.int64, device=images.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.valid_ratio(mask) for mask in masks], 1)
+        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
+        pos = torch.cat(
+            [p.flatten(2).transpose(1, 2) + self.level_embed[level] for level, p in enumerate(positions)], 1
+        )
+        flat_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, flat_mask)
+        return EncoderMemory(memory, spatial_shapes, level_start_index, valid_ratios, flat_mask)
+
+    @staticmethod
+    def valid_ratio(mask):
+        """Valid (w, h) fraction of a padded level, (N, 2)."""
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float()
+        valid_w = (~mask[:, 0, :]).sum(1).float()
+        return torch.stack((valid_w / w, valid_h / h), -1)
+
+    @staticmethod
+    def prepare_targets(gt_instances: List[Instances], image_sizes):
+        """Absolute xyxy boxes -> cxcywh normalised by the (unpadded) image size."""
+        targets = []
+        for instances, (h, w) in zip(gt_instances, image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=instances.gt_boxes.device)
+            xyxy = instances.gt_boxes.tensor / scale
+            cxcywh = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), -1)
+            targets.append({"labels": instances.gt_classes, "boxes": cxcywh})
+        return targets
+
+    def inference(self, outputs: DecoderOutput, image_sizes, batched_inputs):
+        """Top-k (query, class) pairs of the last layer -> Instances in original image coordinates."""
+        logits, boxes = outputs.layer(-1)
+        n, q, k = logits.shape
+        scores, flat_index = logits.sigmoid().flatten(1).topk(min(self.detections_per_image, q * k), dim=1)
+        query_index = torch.div(flat_index, k, rounding_mode="floor")
+        labels = flat_index % k
+        boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            cxcy, wh = boxes[i, :, :2], boxes[i, :, 2:]
+            xyxy = torch.cat((cxcy - wh / 2, cxcy + wh / 2), -1) * torch.tensor([w, h, w, h], device=boxes.device)
+            instances = Instances((h, w))
+            instances.pred_boxes = Boxes(xyxy)
+            instances.scores = scores[i]
+            instances.pred_classes = labels[i]
+            height = batched_inputs[i].get("height", h)
+            width = batched_inputs[i].get("width", w)
+            results.append({"instances": detector_postprocess(instances, height, width)})
+        return results

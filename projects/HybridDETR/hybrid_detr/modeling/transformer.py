@@ -1,0 +1,360 @@
+"""The shared Deformable-DETR transformer: encoder, a decoder with pluggable cross-attention, and
+the query sources (learned queries, or two-stage proposals from the encoder).
+
+Every mode uses these same classes. The decoder runs a *group* of queries (`QueryGroup`): the
+one-to-one queries, DAC's C-branch (same queries, self-attention skipped) and Co-DETR's positive
+queries are all groups, so the papers' branches are calls to one decoder rather than copies of it.
+"""
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import MSDeformAttn
+from .position_encoding import box_sine_embedding
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+@dataclass
+class EncoderMemory:
+    """The encoder's output and everything needed to attend to it."""
+
+    memory: torch.Tensor  # (N, S, C)
+    spatial_shapes: torch.Tensor  # (L, 2) int64, (H, W) of each level
+    level_start_index: torch.Tensor  # (L,) int64
+    valid_ratios: torch.Tensor  # (N, L, 2) valid (w, h) fraction of each padded level
+    padding_mask: torch.Tensor  # (N, S) True on padding
+
+    def split_levels(self) -> List[torch.Tensor]:
+        """Memory as per-level maps (N, C, H, W), finest first."""
+        n, _, c = self.memory.shape
+        sizes = [int(h * w) for h, w in self.spatial_shapes.tolist()]
+        return [
+            level.transpose(1, 2).reshape(n, c, int(h), int(w))
+            for level, (h, w) in zip(self.memory.split(sizes, dim=1), self.spatial_shapes.tolist())
+        ]
+
+
+@dataclass
+class QueryGroup:
+    """Queries that go through the decoder together."""
+
+    content: torch.Tensor  # (N, Q, C)
+    position: torch.Tensor  # (N, Q, C)
+    reference: torch.Tensor  # (N, Q, 2) points or (N, Q, 4) cxcywh boxes, normalised to [0, 1]
+    # (Q, Q) bool, True where query i may NOT attend to query j (keeps groups apart).
+    self_attn_mask: Optional[torch.Tensor] = None
+    # (N, Q) bool, True on padding queries (Co-DETR pads groups to a common length).
+    padding_mask: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DecoderOutput:
+    """Per-layer predictions of one query group (layer dim first)."""
+
+    logits: torch.Tensor  # (num_layers, N, Q, num_classes)
+    boxes: torch.Tensor  # (num_layers, N, Q, 4) cxcywh in [0, 1]
+    hidden: torch.Tensor  # (num_layers, N, Q, C)
+    # Output of the first layer's self-attention block (DAC's official C-branch input).
+    first_self_attn_output: Optional[torch.Tensor] = None
+
+    def layer(self, i):
+        return self.logits[i], self.boxes[i]
+
+    @property
+    def num_layers(self):
+        return self.logits.shape[0]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model, d_ffn, dropout):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        return self.norm(x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x))))))
+
+
+class DeformableEncoderLayer(nn.Module):
+    def __init__(self, d_model, d_ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ffn, dropout)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        return self.ffn(self.norm(src + self.dropout(attended)))
+
+
+class DeformableEncoder(nn.Module):
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes, valid_ratios):
+        """Centre of every (valid-normalised) token, seen from every level: (N, S, L, 2)."""
+        points = []
+        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                indexing="ij",
+            )
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
+            points.append(torch.stack((xs, ys), -1))
+        points = torch.cat(points, 1)
+        return points[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        reference_points = self.reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+class DeformableCrossAttention(nn.Module):
+    """The baseline decoder cross-attention: MSDeformAttn around each query's reference."""
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MODEL.HYBRID_DETR
+        return cls(m.HIDDEN_DIM, m.NUM_FEATURE_LEVELS, m.NHEADS, m.DEC_N_POINTS)
+
+    def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):
+        """query: (N, Q, C) content + position; reference_points: (N, Q, L, 2|4) in each level's
+        padded frame. `query_reference` (N, Q, 2|4) is the unscaled reference, for modulated variants."""
+        return self.attn(
+            query, reference_points, memory.memory, memory.spatial_shapes, memory.level_start_index, memory.padding_mask
+        )
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention (skippable) -> cross-attention (pluggable) -> FFN, each with add & norm."""
+
+    def __init__(self, d_model, d_ffn, dropout, n_heads, cross_attn: nn.Module):
+        super().__init__()
+        self.n_heads = n_heads
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout_self = nn.Dropout(dropout)
+        self.norm_self = nn.LayerNorm(d_model)
+        self.cross_attn = cross_attn
+        self.dropout_cross = nn.Dropout(dropout)
+        self.norm_cross = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ffn, dropout)
+
+    def self_attention(self, content, position, attn_mask):
+        q = k = content + position
+        attended = self.self_attn(q, k, content, attn_mask=attn_mask, need_weights=False)[0]
+        return self.norm_self(content + self.dropout_self(attended))
+
+    def forward(self, content, position, reference_points, memory, query_reference, attn_mask=None, skip_self_attn=False):
+        if not skip_self_attn:
+            content = self.self_attention(content, position, attn_mask)
+        return self.cross_and_ffn(content, position, reference_points, memory, query_reference)
+
+    def cross_and_ffn(self, content, position, reference_points, memory, query_reference):
+        attended = self.cross_attn(content + position, reference_points, memory, query_reference)
+        return self.ffn(self.norm_cross(content + self.dropout_cross(attended)))
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class PredictionHeads(nn.Module):
+    """Class and box heads for each decoder layer (shared unless boxes are refined per layer),
+    plus one more pair for the encoder proposals in two-stage mode."""
+
+    def __init__(self, d_model, num_classes, num_decoder_layers, per_layer, two_stage):
+        super().__init__()
+        class_head = nn.Linear(d_model, num_classes)
+        prior_prob = 0.01  # focal-loss prior: start every class near p = 0.01
+        nn.init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
+        box_head = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        num_heads = num_decoder_layers + (1 if two_stage else 0)
+        if per_layer:
+            self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_heads))
+            self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_heads))
+        else:
+            self.class_heads = nn.ModuleList(class_head for _ in range(num_heads))
+            self.box_heads = nn.ModuleList(box_head for _ in range(num_heads))
+        # The first layer's boxes start small around their reference points (log-odds -2 for
+        # w and h); later layers refine from there.
+        nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+
+    def predict(self, index, hidden, reference):
+        """Logits and boxes of head `index` around `reference` ((..., 2) points or (..., 4) boxes)."""
+        delta = self.box_heads[index](hidden)
+        reference = inverse_sigmoid(reference)
+        if reference.shape[-1] == 4:
+            boxes = delta + reference
+        else:
+            boxes = torch.cat((delta[..., :2] + reference, delta[..., 2:]), dim=-1)
+        return self.class_heads[index](hidden), boxes.sigmoid()
+
+
+class DeformableDecoder(nn.Module):
+    """Runs a `QueryGroup` through the decoder layers and the prediction heads.
+
+    With box refinement, each layer's predicted boxes become the next layer's references
+    (detached, as in Deformable DETR); otherwise every layer uses the group's references.
+    """
+
+    def __init__(self, layers: List[DecoderLayer], heads: PredictionHeads, refine_boxes: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.heads = heads
+        self.refine_boxes = refine_boxes
+
+    def forward(self, group: QueryGroup, memory: EncoderMemory, skip_self_attn=False) -> DecoderOutput:
+        attn_mask = self._self_attn_mask(group)
+        content, reference = group.content, group.reference
+        all_logits, all_boxes, all_hidden = [], [], []
+        first_self_attn_output = None
+        for i, layer in enumerate(self.layers):
+            reference_points = self._scale_to_levels(reference, memory.valid_ratios)
+            if i == 0 and not skip_self_attn:
+                content = layer.self_attention(content, group.position, attn_mask)
+                first_self_attn_output = content
+                content = layer.cross_and_ffn(content, group.position, reference_points, memory, reference)
+            else:
+                content = layer(content, group.position, reference_points, memory, reference, attn_mask, skip_self_attn)
+            logits, boxes = self.heads.predict(i, content, reference)
+            if self.refine_boxes:
+                reference = boxes.detach() if reference.shape[-1] == 4 else boxes[..., :2].detach()
+            all_logits.append(logits)
+            all_boxes.append(boxes)
+            all_hidden.append(content)
+        return DecoderOutput(
+            torch.stack(all_logits), torch.stack(all_boxes), torch.stack(all_hidden), first_self_attn_output
+        )
+
+    @staticmethod
+    def _scale_to_levels(reference, valid_ratios):
+        """References are normalised to the valid image; attention samples the padded maps."""
+        if reference.shape[-1] == 4:
+            return reference[:, :, None] * torch.cat((valid_ratios, valid_ratios), -1)[:, None]
+        return reference[:, :, None] * valid_ratios[:, None]
+
+    def _self_attn_mask(self, group: QueryGroup):
+        """One (N * heads, Q, Q) boolean mask from the group mask and the padding queries.
+
+        A query always may attend to itself, so a padding query or a query alone in its
+        group never sees an all-masked row (which would give NaN)."""
+        if group.self_attn_mask is None and group.padding_mask is None:
+            return None
+        n, q = group.content.shape[:2]
+        blocked = torch.zeros(n, q, q, dtype=torch.bool, device=group.content.device)
+        if group.self_attn_mask is not None:
+            blocked |= group.self_attn_mask[None]
+        if group.padding_mask is not None:
+            blocked |= group.padding_mask[:, None, :]
+        blocked &= ~torch.eye(q, dtype=torch.bool, device=blocked.device)
+        heads = self.layers[0].n_heads
+        return blocked.repeat_interleave(heads, dim=0)
+
+
+class LearnedQueries(nn.Module):
+    """Deformable DETR's learned queries: an embedding split into position and content, and a
+    reference point predicted from the position."""
+
+    def __init__(self, num_queries, d_model):
+        super().__init__()
+        self.embedding = nn.Embedding(num_queries, 2 * d_model)
+        self.reference_points = nn.Linear(d_model, 2)
+        nn.init.xavier_uniform_(self.reference_points.weight, gain=1)
+        nn.init.zeros_(self.reference_points.bias)
+
+    def forward(self, memory: EncoderMemory):
+        n = memory.memory.shape[0]
+        position, content = self.embedding.weight.to(memory.memory.dtype).chunk(2, dim=1)
+        position = position[None].expand(n, -1, -1)
+        content = content[None].expand(n, -1, -1)
+        return QueryGroup(content, position, self.reference_points(position).sigmoid()), None
+
+
+class TwoStageQueries(nn.Module):
+    """Two-stage Deformable DETR: every encoder token proposes a box around its location; the
+    top-k proposals (by best class score) become the queries' reference boxes and positions."""
+
+    def __init__(self, num_queries, d_model, heads: PredictionHeads):
+        super().__init__()
+        self.num_queries = num_queries
+        self.heads = heads
+        self.encoder_head_index = len(heads.class_heads) - 1
+        self.memory_proj = nn.Linear(d_model, d_model)
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.position_proj = nn.Linear(2 * d_model, 2 * d_model)
+        self.position_norm = nn.LayerNorm(2 * d_model)
+        self.d_model = d_model
+
+    @staticmethod
+    def token_proposals(memory: EncoderMemory):
+        """A box per token: its centre, side 0.05 * 2^level; (N, S, 4) and a validity mask."""
+        n = memory.memory.shape[0]
+        proposals = []
+        for level, (h, w) in enumerate(memory.spatial_shapes.tolist()):
+            valid_h = memory.valid_ratios[:, level, 1] * h
+            valid_w = memory.valid_ratios[:, level, 0] * w
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=torch.float32, device=memory.memory.device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=memory.memory.device) + 0.5,
+                indexing="ij",
+            )
+            cx = xs.reshape(1, -1) / valid_w[:, None]
+            cy = ys.reshape(1, -1) / valid_h[:, None]
+            side = torch.full_like(cx, 0.05 * 2.0**level)
+            proposals.append(torch.stack((cx, cy, side, side), -1))
+        proposals = torch.cat(proposals, 1).expand(n, -1, -1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~memory.padding_mask
+        return proposals, valid
+
+    def forward(self, memory: EncoderMemory):
+        proposals, valid = self.token_proposals(memory)
+        tokens = memory.memory.masked_fill(~valid[..., None], 0.0)
+        tokens = self.memory_norm(self.memory_proj(tokens))
+        logits, boxes = self.heads.predict(self.encoder_head_index, tokens, proposals)
+        scores = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        k = min(self.num_queries, scores.shape[1])
+        topk = scores.topk(k, dim=1).indices
+        reference = boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        embedded = self.position_norm(self.position_proj(box_sine_embedding(reference, self.d_model // 2)))
+        position, content = embedded.to(memory.memory.dtype).chunk(2, dim=-1)
+        # Padding and border tokens take no part in the encoder loss: a very negative logit makes
+        # them confident background (-inf would give NaN in the focal loss).
+        encoder_predictions = (logits.masked_fill(~valid[..., None], -1e4), boxes)
+        return QueryGroup(content, position, reference), encoder_predictions
+
+
+def build_decoder_layers(num_layers, d_model, d_ffn, dropout, n_heads, cross_attn_factory: Callable[[], nn.Module]):
+    return [DecoderLayer(d_model, d_ffn, dropout, n_heads, cross_attn_factory()) for _ in range(num_layers)]
