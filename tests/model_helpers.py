@@ -1,0 +1,50 @@
+"""Tiny configs and batches shared by the model tests (fast on a 2-core CPU)."""
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from hybrid_detr import add_hybrid_detr_config
+
+NUM_CLASSES = 5
+
+
+def tiny_cfg(**hybrid_detr_overrides):
+    cfg = get_cfg()
+    add_hybrid_detr_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "HybridDETR"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.NORM = "GN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    m = cfg.MODEL.HYBRID_DETR
+    m.HIDDEN_DIM = 64
+    m.NHEADS = 4
+    m.ENC_LAYERS = 1
+    m.DEC_LAYERS = 2
+    m.DIM_FEEDFORWARD = 128
+    m.NUM_QUERIES = 20
+    m.NUM_CLASSES = NUM_CLASSES
+    m.DROPOUT = 0.0
+    for key, value in hybrid_detr_overrides.items():
+        setattr(m, key, value)
+    return cfg
+
+
+def synthetic_input(height, width, num_objects, seed=0):
+    """A detectron2 input dict: random image, `num_objects` random boxes (0 is allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    instances = Instances((height, width))
+    xy = torch.rand(num_objects, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
+    wh = 8 + torch.rand(num_objects, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3])
+    instances.gt_boxes = Boxes(torch.cat((xy, xy + wh), 1))
+    instances.gt_classes = torch.randint(0, NUM_CLASSES, (num_objects,), generator=g)
+    image = torch.rand(3, height, width, generator=g) * 255
+    return {"image": image, "instances": instances, "height": height, "width": width}
+
+
+def synthetic_batch():
+    """Two images of different sizes (so padding is exercised), one without objects."""
+    return [synthetic_input(96, 128, 3, seed=1), synthetic_input(80, 100, 0, seed=2)]
