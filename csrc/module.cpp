@@ -1,0 +1,33 @@
+// The Python module `hybrid_detr._C`. Importing it loads this library, whose static initialisers
+// register the hybrid_detr ops with the dispatcher (see ms_deform_attn.cpp). Plain CPython API,
+// no pybind11: the ops are reached through torch.ops.hybrid_detr.
+#include <Python.h>
+
+namespace {
+
+PyObject* with_cuda(PyObject*, PyObject*) {
+#ifdef WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "Compiled ops of HybridDETR (torch.ops.hybrid_detr.*).",
+    -1,
+    methods,
+};
+
+} // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,154 @@
+// Schema of the hybrid_detr ops, input validation and the dispatcher entry points.
+// Device kernels: cpu/ms_deform_attn_cpu.cpp, cuda/ms_deform_attn_cuda.cu; autograd:
+// ms_deform_attn_autograd.cpp; fake (meta) kernels: hybrid_detr/layers/ms_deform_attn_func.py.
+#include "ms_deform_attn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace hybrid_detr {
+
+namespace {
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream ss;
+  ss << t.sizes();
+  return ss.str();
+}
+} // namespace
+
+MSDeformAttnSizes check_ms_deform_attn_inputs(
+    const char* op,
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output) {
+  // Ranks.
+  TORCH_CHECK(value.dim() == 4, op, ": value must be (N, S, M, D), got shape ", shape_str(value));
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
+              ": spatial_shapes must be (L, 2) holding (H, W) per level, got shape ", shape_str(spatial_shapes));
+  TORCH_CHECK(level_start_index.dim() == 1, op, ": level_start_index must be (L,), got shape ",
+              shape_str(level_start_index));
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2, op,
+              ": sampling_locations must be (N, Lq, M, L, P, 2), got shape ", shape_str(sampling_locations));
+  TORCH_CHECK(attention_weights.dim() == 5, op, ": attention_weights must be (N, Lq, M, L, P), got shape ",
+              shape_str(attention_weights));
+
+  // Dtypes.
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, op, ": spatial_shapes must be int64 (torch.long), got ",
+              spatial_shapes.scalar_type(), "; convert it with .long()");
+  TORCH_CHECK(level_start_index.scalar_type() == at::kLong, op,
+              ": level_start_index must be int64 (torch.long), got ", level_start_index.scalar_type(),
+              "; convert it with .long()");
+  TORCH_CHECK(at::isFloatingType(value.scalar_type()), op, ": value must be a floating-point tensor, got ",
+              value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(), op,
+              ": sampling_locations must have the dtype of value (", value.scalar_type(), "), got ",
+              sampling_locations.scalar_type());
+  TORCH_CHECK(attention_weights.scalar_type() == value.scalar_type(), op,
+              ": attention_weights must have the dtype of value (", value.scalar_type(), "), got ",
+              attention_weights.scalar_type());
+
+  // Devices.
+  const auto dev = value.device();
+  TORCH_CHECK(spatial_shapes.device() == dev, op, ": spatial_shapes is on ", spatial_shapes.device(),
+              " but value is on ", dev, "; all inputs must be on the same device");
+  TORCH_CHECK(level_start_index.device() == dev, op, ": level_start_index is on ", level_start_index.device(),
+              " but value is on ", dev, "; all inputs must be on the same device");
+  TORCH_CHECK(sampling_locations.device() == dev, op, ": sampling_locations is on ", sampling_locations.device(),
+              " but value is on ", dev, "; all inputs must be on the same device");
+  TORCH_CHECK(attention_weights.device() == dev, op, ": attention_weights is on ", attention_weights.device(),
+              " but value is on ", dev, "; all inputs must be on the same device");
+
+  MSDeformAttnSizes s;
+  s.N = value.size(0);
+  s.S = value.size(1);
+  s.M = value.size(2);
+  s.D = value.size(3);
+  s.Lq = sampling_locations.size(1);
+  s.L = sampling_locations.size(3);
+  s.P = sampling_locations.size(4);
+
+  // Shapes consistent with each other.
+  TORCH_CHECK(sampling_locations.size(0) == s.N && sampling_locations.size(2) == s.M, op,
+              ": sampling_locations (N, Lq, M, L, P, 2) = ", shape_str(sampling_locations),
+              " does not match value (N, S, M, D) = ", shape_str(value), " in N or M");
+  TORCH_CHECK(spatial_shapes.size(0) == s.L, op, ": spatial_shapes has ", spatial_shapes.size(0),
+              " levels but sampling_locations has L = ", s.L);
+  TORCH_CHECK(level_start_index.size(0) == s.L, op, ": level_start_index has ", level_start_index.size(0),
+              " entries but there are L = ", s.L, " levels");
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5), op,
+              ": attention_weights must be (N, Lq, M, L, P) = ", sampling_locations.sizes().slice(0, 5),
+              ", got ", shape_str(attention_weights));
+  if (grad_output.defined()) {
+    TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), op, ": grad_output must have the dtype of value (",
+                value.scalar_type(), "), got ", grad_output.scalar_type());
+    TORCH_CHECK(grad_output.device() == dev, op, ": grad_output is on ", grad_output.device(),
+                " but value is on ", dev);
+    TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == s.N && grad_output.size(1) == s.Lq &&
+                    grad_output.size(2) == s.M * s.D,
+                op, ": grad_output must be (N, Lq, M*D) = (", s.N, ", ", s.Lq, ", ", s.M * s.D, "), got ",
+                shape_str(grad_output));
+  }
+
+  // Level layout: sum of H*W == S and level_start_index == exclusive cumsum.
+  const at::Tensor shapes_cpu = spatial_shapes.to(at::kCPU).contiguous();
+  const at::Tensor starts_cpu = level_start_index.to(at::kCPU).contiguous();
+  const int64_t* hw = shapes_cpu.data_ptr<int64_t>();
+  const int64_t* st = starts_cpu.data_ptr<int64_t>();
+  s.H.resize(s.L);
+  s.W.resize(s.L);
+  s.start.resize(s.L);
+  int64_t total = 0;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t h = hw[2 * l], w = hw[2 * l + 1];
+    TORCH_CHECK(h >= 0 && w >= 0, op, ": spatial_shapes[", l, "] = (", h, ", ", w, ") must not be negative");
+    TORCH_CHECK(st[l] == total, op, ": level_start_index[", l, "] = ", st[l],
+                " is inconsistent with spatial_shapes (expected ", total, ", the sum of H*W of the levels before)");
+    s.H[l] = h;
+    s.W[l] = w;
+    s.start[l] = total;
+    total += h * w;
+  }
+  TORCH_CHECK(total == s.S, op, ": the sum over levels of H*W from spatial_shapes is ", total,
+              " but value has S = ", s.S, " keys");
+  return s;
+}
+
+at::Tensor ms_deform_attn(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hybrid_detr::ms_deform_attn", "")
+                       .typed<decltype(ms_deform_attn)>();
+  return op.call(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _ms_deform_attn_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hybrid_detr::_ms_deform_attn_backward", "")
+                       .typed<decltype(_ms_deform_attn_backward)>();
+  return op.call(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+}
+
+TORCH_LIBRARY(hybrid_detr, m) {
+  m.def(
+      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+}
+
+} // namespace hybrid_detr

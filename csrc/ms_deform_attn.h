@@ -1,0 +1,54 @@
+// Multi-scale deformable attention (Deformable DETR): shared declarations.
+//
+//   value                (N, S, M, D)          S = sum_l H_l * W_l
+//   spatial_shapes       (L, 2) int64          (H_l, W_l)
+//   level_start_index    (L,) int64
+//   sampling_locations   (N, Lq, M, L, P, 2)   (x, y) in [0, 1]; outside is zero padding
+//   attention_weights    (N, Lq, M, L, P)
+//   output               (N, Lq, M * D)
+// Bilinear sampling at pixel coordinates (x * W - 0.5, y * H - 0.5), zero padding: the same as
+// grid_sample(..., align_corners=False) on 2 * loc - 1.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace hybrid_detr {
+
+struct MSDeformAttnSizes {
+  int64_t N, S, M, D, Lq, L, P;
+  // Host copies of spatial_shapes and level_start_index.
+  std::vector<int64_t> H, W, start;
+};
+
+// Validates the inputs (shapes, dtypes, devices and the level layout) and returns the sizes.
+// `grad_output` may be undefined (forward). Reads spatial_shapes/level_start_index on the host
+// (a tiny device-to-host copy when they live on the GPU).
+MSDeformAttnSizes check_ms_deform_attn_inputs(
+    const char* op,
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output = at::Tensor());
+
+// Dispatcher entry points (what torch.ops.hybrid_detr.* call).
+at::Tensor ms_deform_attn(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _ms_deform_attn_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+} // namespace hybrid_detr

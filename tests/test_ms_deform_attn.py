@@ -1,0 +1,284 @@
+"""CPU tests of the MSDeformAttn op (hybrid_detr._C) against the pure-PyTorch reference."""
+import warnings
+
+import pytest
+import torch
+
+from hybrid_detr.layers import (
+    MSDeformAttn,
+    extension_available,
+    flop_count_handles,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+)
+
+pytestmark = pytest.mark.skipif(not extension_available(), reason="hybrid_detr._C is not built")
+
+op = torch.ops.hybrid_detr.ms_deform_attn if extension_available() else None
+
+
+def make_inputs(N, Lq, M, D, shapes, P, dtype=torch.float64, device="cpu", spread=0.3, seed=0, requires_grad=False):
+    """Random inputs; `spread` pushes sampling locations outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * (1 + 2 * spread) - spread
+    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (value, loc, attn)]
+    return tensors[0], spatial_shapes.to(device), level_start_index.to(device), tensors[1], tensors[2]
+
+
+SHAPE_CASES = [
+    # (N, Lq, M, D, level shapes, P)
+    (1, 7, 1, 1, [(5, 6)], 1),
+    (2, 9, 2, 30, [(6, 4), (3, 2)], 2),
+    (1, 13, 4, 32, [(8, 8), (4, 4), (2, 2)], 4),
+    (2, 5, 3, 64, [(7, 9), (4, 5), (2, 3), (1, 2)], 3),
+    (1, 6, 2, 71, [(9, 5), (5, 3), (3, 2), (2, 1), (1, 1)], 8),
+    (2, 4, 1, 257, [(3, 5), (2, 3)], 5),
+]
+
+
+@pytest.mark.parametrize("N,Lq,M,D,shapes,P", SHAPE_CASES)
+def test_forward_matches_reference_float64(N, Lq, M, D, shapes, P):
+    v, ss, lsi, loc, attn = make_inputs(N, Lq, M, D, shapes, P)
+    out = op(v, ss, lsi, loc, attn)
+    ref = ms_deform_attn_reference(v, ss, loc, attn)
+    assert out.shape == (N, Lq, M * D)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("N,Lq,M,D,shapes,P", SHAPE_CASES)
+def test_forward_matches_reference_float32(N, Lq, M, D, shapes, P):
+    v, ss, lsi, loc, attn = make_inputs(N, Lq, M, D, shapes, P, dtype=torch.float32)
+    torch.testing.assert_close(op(v, ss, lsi, loc, attn), ms_deform_attn_reference(v, ss, loc, attn),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_forward_bfloat16():
+    v, ss, lsi, loc, attn = make_inputs(2, 11, 4, 32, [(8, 8), (4, 4), (2, 2)], 4)
+    ref = ms_deform_attn_reference(v, ss, loc, attn)
+    out = op(v.bfloat16(), ss, lsi, loc.bfloat16(), attn.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_backward_matches_reference_float32_and_bfloat16():
+    args = make_inputs(2, 10, 2, 40, [(7, 6), (3, 4)], 3, dtype=torch.float64)
+    grad = torch.randn(2, 10, 80, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        # reference in float64 on the same (rounded) inputs
+        ref_in = [t.detach().to(dtype).double().requires_grad_() for t in (args[0], args[3], args[4])]
+        ref = ms_deform_attn_reference(ref_in[0], args[1], ref_in[1], ref_in[2])
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.to(dtype).double())
+        ins = [t.detach().to(dtype).requires_grad_() for t in (args[0], args[3], args[4])]
+        out = op(ins[0], args[1], args[2], ins[1], ins[2])
+        grads = torch.autograd.grad(out, ins, grad.to(dtype))
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * 10)
+
+
+def test_gradcheck_float64():
+    v, ss, lsi, loc, attn = make_inputs(2, 3, 2, 5, [(4, 3), (2, 2)], 2, requires_grad=True)
+    # Keep locations away from pixel borders, where bilinear interpolation is not differentiable.
+    with torch.no_grad():
+        for lvl, (h, w) in enumerate([(4, 3), (2, 2)]):
+            size = torch.tensor([w, h], dtype=torch.float64)
+            pix = loc[:, :, :, lvl] * size - 0.5
+            frac = pix - pix.floor()
+            loc[:, :, :, lvl] += (0.5 - frac).sign() * (frac - 0.5).abs().lt(0.45).logical_not() * 0.1 / size
+    assert torch.autograd.gradcheck(
+        lambda v_, l_, a_: op(v_, ss, lsi, l_, a_), (v, loc, attn), eps=1e-6, atol=1e-5
+    )
+
+
+def test_gradient_matches_reference_with_outside_points():
+    v, ss, lsi, loc, attn = make_inputs(1, 20, 2, 7, [(5, 4), (3, 3)], 4, spread=0.6, requires_grad=True)
+    out = op(v, ss, lsi, loc, attn)
+    ref = ms_deform_attn_reference(v, ss, loc, attn)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (v, loc, attn), grad)
+    want = torch.autograd.grad(ref, (v, loc, attn), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck():
+    for requires_grad in (False, True):
+        args = make_inputs(2, 5, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32, requires_grad=requires_grad)
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    args = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    compiled = torch.compile(lambda *a: op(*a) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), op(*args) * 2)
+
+
+def test_non_contiguous_inputs():
+    v, ss, lsi, loc, attn = make_inputs(2, 6, 3, 16, [(5, 5), (3, 2)], 3)
+    v_nc = v.transpose(0, 2).contiguous().transpose(0, 2)  # same values, permuted strides
+    loc_nc = torch.stack([loc, loc], dim=-1)[..., 0]       # strided last dim
+    attn_nc = attn.permute(4, 3, 2, 1, 0).contiguous().permute(4, 3, 2, 1, 0)
+    assert not (v_nc.is_contiguous() or loc_nc.is_contiguous() or attn_nc.is_contiguous())
+    torch.testing.assert_close(loc_nc, loc)
+    out = op(v_nc, ss, lsi, loc_nc, attn_nc)
+    torch.testing.assert_close(out, op(v, ss, lsi, loc, attn), rtol=0, atol=0)
+    # non-contiguous grad_output
+    v_nc.requires_grad_()
+    grad = torch.randn(out.shape[2], out.shape[1], out.shape[0], dtype=out.dtype).permute(2, 1, 0)
+    (g_nc,) = torch.autograd.grad(op(v_nc, ss, lsi, loc_nc, attn_nc), v_nc, grad)
+    v.requires_grad_()
+    (g,) = torch.autograd.grad(op(v, ss, lsi, loc, attn), v, grad.contiguous())
+    torch.testing.assert_close(g_nc, g)
+
+
+@pytest.mark.parametrize("N,Lq", [(0, 5), (2, 0)])
+def test_empty(N, Lq):
+    v, ss, lsi, loc, attn = make_inputs(N, Lq, 2, 8, [(4, 3), (2, 2)], 2, requires_grad=True)
+    out = op(v, ss, lsi, loc, attn)
+    assert out.shape == (N, Lq, 16)
+    out.sum().backward()
+    assert v.grad.shape == v.shape and loc.grad.shape == loc.shape and attn.grad.shape == attn.shape
+    assert v.grad.abs().sum() == 0
+
+
+def _bad(**changes):
+    v, ss, lsi, loc, attn = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    args = dict(value=v, spatial_shapes=ss, level_start_index=lsi, sampling_locations=loc, attention_weights=attn)
+    args.update({k: (f(args[k]) if callable(f) else f) for k, f in changes.items()})
+    return list(args.values())
+
+
+BAD_INPUTS = [
+    (dict(value=lambda t: t[0]), r"value must be \(N, S, M, D\)"),
+    (dict(sampling_locations=lambda t: t[..., 0]), r"sampling_locations must be \(N, Lq, M, L, P, 2\)"),
+    (dict(attention_weights=lambda t: t[..., :1]), r"attention_weights must be \(N, Lq, M, L, P\)"),
+    (dict(attention_weights=lambda t: t[0]), r"attention_weights must be \(N, Lq, M, L, P\)"),
+    (dict(spatial_shapes=lambda t: t.flatten()), r"spatial_shapes must be \(L, 2\)"),
+    (dict(spatial_shapes=lambda t: t[:1]), r"spatial_shapes has 1 levels"),
+    (dict(spatial_shapes=lambda t: t.int()), r"spatial_shapes must be int64"),
+    (dict(level_start_index=lambda t: t.int()), r"level_start_index must be int64"),
+    (dict(level_start_index=lambda t: t[:1]), r"level_start_index has 1 entries"),
+    (dict(level_start_index=lambda t: t + 1), r"level_start_index\[0\] = 1 is inconsistent"),
+    (dict(spatial_shapes=lambda t: t * 2, level_start_index=torch.tensor([0, 48])),
+     r"sum over levels of H\*W from spatial_shapes is 64 but value has S = 16"),
+    (dict(value=lambda t: t[:, :, :1]), r"does not match value"),
+    (dict(sampling_locations=lambda t: t.double()), r"sampling_locations must have the dtype of value"),
+    (dict(attention_weights=lambda t: t.double()), r"attention_weights must have the dtype of value"),
+    (dict(value=lambda t: t.long(), sampling_locations=lambda t: t.long(), attention_weights=lambda t: t.long()),
+     r"value must be a floating-point tensor"),
+]
+
+
+@pytest.mark.parametrize("changes,match", BAD_INPUTS)
+def test_bad_inputs(changes, match):
+    with pytest.raises(RuntimeError, match=match):
+        op(*_bad(**changes))
+
+
+def test_bad_grad_output():
+    v, ss, lsi, loc, attn = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"grad_output must be \(N, Lq, M\*D\)"):
+        torch.ops.hybrid_detr._ms_deform_attn_backward(torch.zeros(1, 4, 15), v, ss, lsi, loc, attn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put tensors on another device")
+def test_device_mismatch():
+    with pytest.raises(RuntimeError, match=r"spatial_shapes is on cpu but value is on cuda"):
+        op(*_bad(value=lambda t: t.cuda(), sampling_locations=lambda t: t.cuda(), attention_weights=lambda t: t.cuda(),
+                 level_start_index=lambda t: t.cuda()))
+
+
+def test_dispatcher_wrapper_and_fallback():
+    args = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compiled path must not warn
+        torch.testing.assert_close(ms_deform_attn(*args), op(*args))
+
+
+# -- module ---------------------------------------------------------------------------------------
+def _module_inputs(N, Lq, d_model, shapes, ref_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    areas = ss.prod(1)
+    lsi = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S = int(areas.sum())
+    query = torch.randn(N, Lq, d_model, generator=g)
+    value = torch.randn(N, S, d_model, generator=g)
+    ref = torch.rand(N, Lq, len(shapes), ref_dim, generator=g)
+    if ref_dim == 4:
+        ref[..., 2:] = ref[..., 2:] * 0.5 + 0.05
+    mask = torch.zeros(N, S, dtype=torch.bool)
+    mask[0, S // 2:] = True
+    return query, ref, value, ss, lsi, mask
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_module_matches_reference_path(ref_dim, use_mask):
+    torch.manual_seed(0)
+    shapes = [(8, 10), (4, 5), (2, 3)]
+    m = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)
+    with torch.no_grad():  # non-trivial offsets and logits
+        m.sampling_offsets.weight.normal_(std=0.5)
+        m.attention_weights.weight.normal_(std=0.5)
+    q, ref, value, ss, lsi, mask = _module_inputs(2, 9, 32, shapes, ref_dim)
+    mask = mask if use_mask else None
+    out = m(q, ref, value, ss, lsi, mask)
+    m.use_reference = True
+    expected = m(q, ref, value, ss, lsi, mask)
+    assert out.shape == (2, 9, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # gradients reach every parameter and agree
+    grads = {}
+    for use_ref in (False, True):
+        m.use_reference = use_ref
+        m.zero_grad()
+        m(q, ref, value, ss, lsi, mask).square().sum().backward()
+        grads[use_ref] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    for k in grads[True]:
+        torch.testing.assert_close(grads[False][k], grads[True][k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_module_padding_mask_zeroes_padded_keys():
+    m = MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)
+    q, ref, value, ss, lsi, _ = _module_inputs(1, 5, 16, [(4, 4)], 2)
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    out = m(q, ref, value, ss, lsi, mask)
+    torch.testing.assert_close(out, m.output_proj.bias.expand_as(out))
+
+
+def test_module_init_and_steps():
+    m = MSDeformAttn(d_model=64, n_levels=2, n_heads=8, n_points=3)
+    assert isinstance(m.sampling_offsets, torch.nn.Linear) and isinstance(m.output_proj, torch.nn.Linear)
+    assert m.sampling_offsets.weight.abs().sum() == 0 and m.attention_weights.weight.abs().sum() == 0
+    bias = m.sampling_offsets.bias.view(8, 2, 3, 2)
+    torch.testing.assert_close(bias[0, 0], torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]))
+    torch.testing.assert_close(bias[2, 1], torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias[1], bias[1, :1].expand(2, 3, 2))  # same on every level
+    q, ref, _, ss, _, _ = _module_inputs(2, 5, 64, [(4, 4), (2, 2)], 2)
+    loc, logits = m.sampling_locations_and_logits(q, ref, ss)
+    assert loc.shape == (2, 5, 8, 2, 3, 2) and logits.shape == (2, 5, 8, 2, 3)
+    # with zero weights: location = reference + bias / (W, H)
+    torch.testing.assert_close(loc[:, :, 0, 0, 0], ref[:, :, 0] + torch.tensor([1 / 4, 0.0]))
+    weights = m.attention_weights_from_logits(logits)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 5, 8))
+
+
+def test_flop_count_handle():
+    fvcore = pytest.importorskip("fvcore.nn")
+    m = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    q, ref, value, ss, lsi, _ = _module_inputs(2, 7, 32, [(4, 4), (2, 2)], 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flops = fvcore.FlopCountAnalysis(m, (q, ref, value, ss, lsi))
+        flops.set_op_handle(**flop_count_handles())
+        flops.unsupported_ops_warnings(False)
+        by_op = flops.by_operator()
+    assert by_op["ms_deform_attn"] == 2 * 7 * 4 * 2 * 3 * 8 * 5  # fvcore drops the namespace
