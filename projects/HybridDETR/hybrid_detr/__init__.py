@@ -15,3 +15,4 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .config import add_hybrid_detr_config  # noqa: F401,E402
 from . import modeling  # noqa: F401,E402  (registers the HybridDETR meta-architecture)
+from . import data  # noqa: F401,E402  (registers hybrid_synthetic_train / hybrid_synthetic_val)
