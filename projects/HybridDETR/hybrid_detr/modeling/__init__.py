@@ -1,2 +1,3 @@
 from .meta_arch import BranchInputs, HybridDETR  # noqa: F401  (registers the meta-architecture)
 from .modes import CROSS_ATTENTION_REGISTRY, TRAINING_BRANCH_REGISTRY, parse_decoder_mode  # noqa: F401
+from .dac import DACBranch  # noqa: F401  (registers DECODER_MODE "dac")

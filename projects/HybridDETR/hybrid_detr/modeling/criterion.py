@@ -13,7 +13,8 @@ from .matcher import Assignment
 from .transformer import DecoderOutput
 
 # (logits (N, Q, K), one-hot targets (N, Q, K), assignment, matched predicted boxes (P, 4),
-#  matched gt boxes (P, 4), normaliser) -> scalar
+#  matched gt boxes (P, 4), normaliser) -> scalar, or (scalar, pair weights (P,)) to also weight
+#  each pair's L1 and GIoU losses (Align-DETR's rank weights, DAC-DETR's official loss)
 ClassificationLoss = Callable[..., torch.Tensor]
 
 
@@ -56,16 +57,21 @@ class DetectionCriterion(nn.Module):
         onehot[assignment.batch_index, assignment.query_index, gt_labels] = 1.0
         pred_boxes = boxes[assignment.batch_index, assignment.query_index]
         classification_loss = classification_loss or self.focal_loss
+        loss_class = classification_loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer)
+        pair_weight = None
+        if isinstance(loss_class, tuple):
+            loss_class, pair_weight = loss_class
         # Sums over P pairs: with no objects in the batch they are a true zero, still in the graph.
-        l1 = F.l1_loss(pred_boxes, gt_boxes, reduction="sum")
+        l1 = F.l1_loss(pred_boxes, gt_boxes, reduction="none").sum(-1)
         giou = generalized_box_iou_loss(
-            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), reduction="sum"
+            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), reduction="none"
         )
+        if pair_weight is not None:
+            l1, giou = l1 * pair_weight, giou * pair_weight
         return {
-            "loss_class": self.class_weight
-            * classification_loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer),
-            "loss_bbox": self.l1_weight * l1 / normalizer,
-            "loss_giou": self.giou_weight * giou / normalizer,
+            "loss_class": self.class_weight * loss_class,
+            "loss_bbox": self.l1_weight * l1.sum() / normalizer,
+            "loss_giou": self.giou_weight * giou.sum() / normalizer,
         }
 
     @staticmethod
