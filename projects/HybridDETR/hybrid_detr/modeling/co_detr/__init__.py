@@ -1,0 +1,7 @@
+"""Co-DETR: collaborative hybrid assignments training (DECODER_MODE "co_detr").
+
+One file per idea: `adapter.py` (multi-scale adapter over the encoder memory), `atss.py` (ATSS
+head + assigner), `rcnn_head.py` (detectron2's Faster R-CNN heads on the adapter),
+`positive_queries.py` (customized positive queries), `branch.py` (the training branch).
+"""
+from .branch import CoDETRBranch  # noqa: F401  (registers the "co_detr" training branch)
