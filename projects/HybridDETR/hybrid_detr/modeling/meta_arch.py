@@ -146,7 +146,7 @@ class HybridDETR(nn.Module):
         )
         flat_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, flat_mask)
-        return EncoderMemory(memory, spatial_shapes, level_start_index, valid_ratios, flat_mask)
+        return EncoderMemory(memory, spatial_shapes, level_start_index, valid_ratios, flat_mask, pos)
 
     @staticmethod
     def valid_ratio(mask):

@@ -32,6 +32,9 @@ class EncoderMemory:
     level_start_index: torch.Tensor  # (L,) int64
     valid_ratios: torch.Tensor  # (N, L, 2) valid (w, h) fraction of each padded level
     padding_mask: torch.Tensor  # (N, S) True on padding
+    # (N, S, C) the keys' position embedding (sine + level embedding) the encoder used; for dense
+    # attention to the memory (SMCA's co-attention). None when the caller has none.
+    position: Optional[torch.Tensor] = None
 
     def split_levels(self) -> List[torch.Tensor]:
         """Memory as per-level maps (N, C, H, W), finest first."""

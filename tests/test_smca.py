@@ -1,0 +1,265 @@
+"""SMCA: Gaussian-modulated co-attention (dense) and "deformable SMCA"."""
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from hybrid_detr.modeling import TRAINING_BRANCH_REGISTRY
+from hybrid_detr.modeling.smca import (
+    DeformableSMCACrossAttention,
+    SMCACrossAttention,
+    gaussian_log_prior,
+)
+from hybrid_detr.modeling.transformer import EncoderMemory
+from model_helpers import synthetic_batch, tiny_cfg
+
+# Two levels; image 1 of the batch is padded (valid 4 x 5 of 6 x 8, and 2 x 3 of 3 x 4).
+SHAPES = [(6, 8), (3, 4)]
+VALID = [[(6, 8), (3, 4)], [(4, 5), (2, 3)]]
+
+
+def make_memory(d_model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, s = len(VALID), sum(h * w for h, w in SHAPES)
+    masks, ratios = [], []
+    for level, (h, w) in enumerate(SHAPES):
+        mask = torch.ones(n, h, w, dtype=torch.bool)
+        for i in range(n):
+            vh, vw = VALID[i][level]
+            mask[i, :vh, :vw] = False
+        masks.append(mask.flatten(1))
+        ratios.append(torch.tensor([[VALID[i][level][1] / w, VALID[i][level][0] / h] for i in range(n)]))
+    spatial_shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    return EncoderMemory(
+        memory=torch.randn(n, s, d_model, generator=g),
+        spatial_shapes=spatial_shapes,
+        level_start_index=torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]]),
+        valid_ratios=torch.stack(ratios, 1),
+        padding_mask=torch.cat(masks, 1),
+        position=torch.randn(n, s, d_model, generator=g),
+    )
+
+
+def randomize(module, seed=1):
+    """Non-trivial weights everywhere (offsets, scales and scale selection start as constants)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+def dense_attention_without_prior(module: SMCACrossAttention, query, memory: EncoderMemory):
+    """Independent multi-scale attention: per-level softmax over valid keys, alpha-weighted."""
+    n, q, c = query.shape
+    m, d = module.n_heads, c // module.n_heads
+    qs = module.q_proj(query).view(n, q, m, d)
+    alpha = module.scale_selection(query).view(n, q, m, -1).softmax(-1)
+    out = 0
+    for i, level in enumerate(module.levels):
+        h, w = SHAPES[level]
+        start = int(memory.level_start_index[level])
+        tokens = slice(start, start + h * w)
+        ks = module.k_proj(memory.memory[:, tokens] + memory.position[:, tokens]).view(n, h * w, m, d)
+        vs = module.v_proj(memory.memory[:, tokens]).view(n, h * w, m, d)
+        logits = torch.einsum("nqmd,nsmd->nmqs", qs, ks) / math.sqrt(d)
+        logits = logits.masked_fill(memory.padding_mask[:, None, None, tokens], float("-inf"))
+        attended = torch.einsum("nmqs,nsmd->nqmd", logits.softmax(-1), vs)
+        out = out + alpha[..., i : i + 1] * attended
+    return module.out_proj(out.reshape(n, q, c))
+
+
+def test_flat_prior_is_dense_attention():
+    torch.manual_seed(0)
+    memory = make_memory(32)
+    query = torch.randn(2, 7, 32)
+    reference = torch.rand(2, 7, 2)
+    flat = randomize(SMCACrossAttention(32, 4, [0, 1], beta=1e12, unit_level=1)).eval()
+    expected = dense_attention_without_prior(flat, query, memory)
+    torch.testing.assert_close(flat(query, None, memory, reference), expected, rtol=1e-5, atol=1e-5)
+    # With the official beta the prior does change the result.
+    modulated = SMCACrossAttention(32, 4, [0, 1], beta=8.0, unit_level=1).eval()
+    modulated.load_state_dict(flat.state_dict())
+    assert not torch.allclose(modulated(query, None, memory, reference), expected, atol=1e-3)
+
+
+def test_log_prior_formula():
+    delta = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    s = torch.tensor([2.0, 3.0])  # (s_w, s_h)
+    expected = -(delta[:, 0] ** 2 / (8 * s[0] ** 2) + delta[:, 1] ** 2 / (8 * s[1] ** 2))
+    torch.testing.assert_close(gaussian_log_prior(delta, 1 / s, 8.0), expected)
+
+
+def _single_level_memory(h, w, d_model):
+    """One unpadded level whose values are (x, y, x^2, y^2) of each key, in cells."""
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    feats = torch.stack((xs, ys, xs**2, ys**2), -1).reshape(1, h * w, 4)
+    feats = feats.repeat(1, 1, d_model // 4)
+    return EncoderMemory(
+        memory=feats,
+        spatial_shapes=torch.tensor([[h, w]]),
+        level_start_index=torch.tensor([0]),
+        valid_ratios=torch.ones(1, 1, 2),
+        padding_mask=torch.zeros(1, h * w, dtype=torch.bool),
+        position=torch.zeros_like(feats),
+    )
+
+
+def test_gaussian_peaks_at_center_and_falls_off_with_scale():
+    """Content-blind keys: the attention is G / sum(G). Its mean is the predicted center and its
+    variance beta * s^2 / 2 in each axis, per head."""
+    h, w, beta = 40, 48, 8.0
+    memory = _single_level_memory(h, w, 8)
+    attention = SMCACrossAttention(8, 2, [0], beta=beta, unit_level=0).eval()
+    s = torch.tensor([[1.0, 2.0], [1.5, 0.75]])  # per head (s_w, s_h), in cells
+    offsets = torch.tensor([[0.0, 0.0], [3.0, -2.0]])  # per head, in cells
+    with torch.no_grad():
+        attention.k_proj.weight.zero_()
+        attention.v_proj.weight.copy_(torch.eye(8))
+        attention.out_proj.weight.copy_(torch.eye(8))
+        attention.prior.center_offsets.bias.copy_(offsets.flatten())
+        attention.prior.inverse_scales.bias.copy_((1 / s).flatten())
+    reference = torch.tensor([[[0.45, 0.55]]])  # normalised; the unit level is this level
+    out = attention(torch.randn(1, 1, 8), None, memory, reference)[0, 0].view(2, 4)  # per head
+    center = reference[0, 0] * torch.tensor([w, h]) + offsets
+    torch.testing.assert_close(out[:, :2], center, rtol=0, atol=1e-3)
+    variance = out[:, 2:] - out[:, :2] ** 2
+    torch.testing.assert_close(variance, beta * s**2 / 2, rtol=1e-3, atol=1e-3)
+
+    # The bias itself: 0 at the center, log G = -(dx^2/(beta s_w^2) + dy^2/(beta s_h^2)) elsewhere.
+    cells = torch.tensor([[float(w), float(h)]])
+    centers = torch.tensor([[[[10.5, 20.5]]]])  # (N, Q, G, 2): exactly the centre of key (20, 10)
+    inverse = 1 / torch.tensor([[[[2.0, 4.0]]]])
+    bias = attention.prior.level_bias(centers, inverse, (h, w), torch.ones(1, 2), cells).view(h, w)
+    assert bias.flatten().argmax() == 20 * w + 10 and bias[20, 10] == 0
+    assert math.isclose(bias[20, 13].item(), -(3**2) / (beta * 2.0**2), rel_tol=1e-6)
+    assert math.isclose(bias[25, 10].item(), -(5**2) / (beta * 4.0**2), rel_tol=1e-6)
+    # A larger scale falls off more slowly.
+    wide = attention.prior.level_bias(centers, inverse / 2, (h, w), torch.ones(1, 2), cells).view(h, w)
+    assert wide[20, 13] > bias[20, 13] and math.isclose(wide[20, 13].item(), bias[20, 13].item() / 4, rel_tol=1e-6)
+
+
+def test_deformable_prior_at_sampling_locations():
+    """Deformable SMCA adds log G at each sampling location: 0 where a point sits on the center."""
+    torch.manual_seed(0)
+    memory = make_memory(16)
+    attention = DeformableSMCACrossAttention(16, 2, 2, 3, beta=8.0, unit_level=1)
+    reference = torch.rand(2, 5, 2) * 0.8 + 0.1
+    query = torch.randn(2, 5, 16)
+    captured = {}
+
+    def spy(module, args, kwargs, output):
+        captured["log_prior"] = kwargs["log_prior"]
+
+    attention.attn.register_forward_hook(spy, with_kwargs=True)
+    reference_points = reference[:, :, None] * memory.valid_ratios[:, None]
+    attention(query, reference_points, memory, reference)
+    # Sampling exactly at each level's scaled reference point = the (zero-offset) center.
+    locations = reference_points[:, :, None, :, None, :].expand(2, 5, 2, 2, 3, 2)
+    torch.testing.assert_close(captured["log_prior"](locations), torch.zeros(2, 5, 2, 2, 3), atol=1e-5, rtol=0)
+    # One unit cell to the right in the valid frame: -(1)^2 / beta.
+    cells = memory.valid_ratios[:, 1] * torch.tensor([4.0, 3.0])
+    shifted = locations.clone()
+    shifted[..., 0] += (memory.valid_ratios[:, None, None, :, None, 0] / cells[:, None, None, None, None, 0])
+    torch.testing.assert_close(
+        captured["log_prior"](shifted), torch.full((2, 5, 2, 2, 3), -1 / 8.0), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("deformable", [False, True])
+def test_padding_is_ignored(deformable):
+    torch.manual_seed(0)
+    memory = make_memory(32)
+    if deformable:
+        attention = randomize(DeformableSMCACrossAttention(32, 2, 4, 2, unit_level=1))
+    else:
+        attention = randomize(SMCACrossAttention(32, 4, [0, 1], unit_level=1))
+    attention.eval()
+    query, reference = torch.randn(2, 6, 32), torch.rand(2, 6, 2)
+    reference_points = reference[:, :, None] * memory.valid_ratios[:, None]
+    before = attention(query, reference_points, memory, reference)
+    pad = memory.padding_mask
+    assert pad.any()
+    memory.memory = torch.where(pad[..., None], torch.randn_like(memory.memory) * 100, memory.memory)
+    memory.position = torch.where(pad[..., None], torch.randn_like(memory.position) * 100, memory.position)
+    after = attention(query, reference_points, memory, reference)
+    torch.testing.assert_close(before, after)
+    assert torch.isfinite(after).all()
+
+
+@pytest.mark.parametrize("deformable", [False, True])
+def test_gradients_reach_center_and_scale_predictors(deformable):
+    torch.manual_seed(0)
+    memory = make_memory(32)
+    if deformable:
+        attention = DeformableSMCACrossAttention(32, 2, 4, 2, unit_level=1)
+        with torch.no_grad():  # non-uniform logits, so the prior's gradient is not zero
+            attention.attn.attention_weights.weight.normal_(std=0.3)
+    else:
+        attention = SMCACrossAttention(32, 4, [0, 1], unit_level=1)
+    reference = torch.rand(2, 6, 2).requires_grad_()
+    reference_points = reference.detach()[:, :, None] * memory.valid_ratios[:, None]
+    attention(torch.randn(2, 6, 32), reference_points, memory, reference).square().sum().backward()
+    assert reference.grad is not None and reference.grad.abs().sum() > 0  # the shared center
+    for p in (attention.prior.center_offsets.weight, attention.prior.inverse_scales.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_bad_levels_rejected():
+    cfg = tiny_cfg(DECODER_MODE="smca")
+    cfg.MODEL.HYBRID_DETR.SMCA.LEVELS = [0, 4]
+    with pytest.raises(ValueError, match="SMCA.LEVELS"):
+        build_model(cfg)
+
+
+def _train_and_infer(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    losses = model(synthetic_batch())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        results = model(synthetic_batch())
+    assert len(results) == 2 and len(results[0]["instances"]) > 0
+    return model, losses
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"PER_HEAD": False, "LEVELS": [1, 2, 3]},
+        {"DEFORMABLE": True},
+        {"DEFORMABLE": True, "PER_HEAD": False},
+    ],
+    ids=["smca", "smca-shared-head-3-levels", "deformable-smca", "deformable-smca-shared-head"],
+)
+def test_training_step_and_inference(overrides):
+    cfg = tiny_cfg(DECODER_MODE="smca")
+    for key, value in overrides.items():
+        setattr(cfg.MODEL.HYBRID_DETR.SMCA, key, value)
+    model, _ = _train_and_infer(cfg)
+    cross = model.decoder.layers[0].cross_attn
+    assert isinstance(cross, DeformableSMCACrossAttention if overrides.get("DEFORMABLE") else SMCACrossAttention)
+    # The center predictor (the learned queries' reference points) and the scale predictors learn.
+    assert model.query_source.reference_points.weight.grad.abs().sum() > 0
+    for layer in model.decoder.layers:
+        assert layer.cross_attn.prior.inverse_scales.weight.grad.abs().sum() > 0
+
+
+def test_smca_with_box_refinement_and_two_stage():
+    _train_and_infer(tiny_cfg(DECODER_MODE="smca", WITH_BOX_REFINE=True, TWO_STAGE=True))
+
+
+@pytest.mark.parametrize("deformable", [False, True])
+def test_smca_with_dac(deformable):
+    if "DACBranch" not in TRAINING_BRANCH_REGISTRY:
+        pytest.skip("the DAC branch is not in this version")
+    cfg = tiny_cfg(DECODER_MODE="smca+dac")
+    cfg.MODEL.HYBRID_DETR.SMCA.DEFORMABLE = deformable
+    _, losses = _train_and_infer(cfg)
+    assert any(k.startswith("dac_") for k in losses)
