@@ -71,12 +71,16 @@ def _add_smca_config(model):
     """SMCA: Gaussian-modulated co-attention in the decoder."""
     model.SMCA = CN()
     smca = model.SMCA
+    # log G = -(dx^2 / (BETA s_w^2) + dy^2 / (BETA s_h^2)), distances in cells of the stride-32
+    # level (hybrid_detr/modeling/smca.py). A huge BETA makes the prior flat.
     smca.BETA = 8.0
     # One Gaussian per head (True in the paper's multi-head variant) or one shared by all heads.
     smca.PER_HEAD = True
-    # Encoder levels the dense co-attention attends to (indices into the feature levels).
+    # Encoder levels the dense co-attention attends to (indices into the feature levels), mixed by
+    # scale-selection weights. Memory grows with their tokens: [1, 2, 3] drops the stride-8 level.
     smca.LEVELS = [0, 1, 2, 3]
-    # Apply the Gaussian prior to deformable attention weights instead of dense co-attention.
+    # "Deformable SMCA": keep deformable cross-attention and add the Gaussian log-prior to its
+    # attention logits at the sampling locations, instead of dense co-attention.
     smca.DEFORMABLE = False
 
 
