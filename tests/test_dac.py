@@ -1,5 +1,6 @@
 """DAC-DETR: the one-to-many matcher, the IoU-aware loss, and the C-branch in the model."""
 import math
+import os
 
 import pytest
 import torch
@@ -294,3 +295,35 @@ def test_inference_identical_to_baseline_with_the_same_weights():
         assert torch.equal(e.pred_boxes.tensor, g.pred_boxes.tensor)
         assert torch.equal(e.scores, g.scores)
         assert torch.equal(e.pred_classes, g.pred_classes)
+
+
+# ---------------------------------------------------------------- configs and the mode benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "config, two_stage",
+    [("configs/quickstart/dac_detr_r18_synthetic.yaml", False), ("configs/coco/dac_deformable_detr_r50_12ep.yaml", True)],
+)
+def test_dac_configs_load(config, two_stage):
+    from hybrid_detr.engine import load_config
+
+    cfg = load_config(os.path.join(REPO, config))
+    m = cfg.MODEL.HYBRID_DETR
+    assert m.DECODER_MODE == "dac"
+    assert m.TWO_STAGE == two_stage and m.WITH_BOX_REFINE == two_stage
+
+
+def test_mode_benchmark_runs_both_modes_on_the_same_weights():
+    from hybrid_detr.engine.mode_benchmark import benchmark_modes, format_mode_benchmark
+
+    cfg = tiny_cfg()
+    result = benchmark_modes(cfg, ["deformable", "dac"], iters=1, warmup=0, batches=[synthetic_batch()])
+    base, dac = result["modes"]["deformable"], result["modes"]["dac"]
+    assert base["step_time_ratio"] == 1.0 and dac["step_time_ratio"] > 0
+    assert dac["parameters"] == base["parameters"]
+    assert dac["parameter_tensors_from_reference"] == base["parameter_tensors_from_reference"]
+    # The C pass keeps its own activations for backward.
+    assert dac["saved_for_backward_mib"] > base["saved_for_backward_mib"] > 0
+    assert "dac" in format_mode_benchmark(result)
