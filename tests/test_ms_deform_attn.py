@@ -282,3 +282,11 @@ def test_flop_count_handle():
         flops.unsupported_ops_warnings(False)
         by_op = flops.by_operator()
     assert by_op["ms_deform_attn"] == 2 * 7 * 4 * 2 * 3 * 8 * 5  # fvcore drops the namespace
+
+
+def test_module_mixed_dtypes_are_promoted():
+    m = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    q, ref, value, ss, lsi, _ = _module_inputs(1, 5, 16, [(4, 4), (2, 2)], 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(q, ref, value, ss, lsi)
+    assert out.shape == (1, 5, 16) and torch.isfinite(out).all()

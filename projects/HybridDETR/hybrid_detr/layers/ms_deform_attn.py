@@ -108,7 +108,13 @@ class MSDeformAttn(nn.Module):
         return F.softmax(logits.reshape(N, Lq, M, L * P), dim=-1).view(N, Lq, M, L, P)
 
     def sample(self, value, spatial_shapes, level_start_index, locations, weights) -> torch.Tensor:
-        """The op (or its reference): -> (N, Lq, d_model)."""
+        """The op (or its reference): -> (N, Lq, d_model).
+
+        Mixed dtypes (under autocast the value is half while locations stay float32) are promoted
+        to the widest one: locations need float32 precision on large levels.
+        """
+        dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+        value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
         if self.use_reference:
             return ms_deform_attn_reference(value, spatial_shapes, locations, weights)
         return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
