@@ -327,3 +327,18 @@ def test_mode_benchmark_runs_both_modes_on_the_same_weights():
     # The C pass keeps its own activations for backward.
     assert dac["saved_for_backward_mib"] > base["saved_for_backward_mib"] > 0
     assert "dac" in format_mode_benchmark(result)
+
+
+def test_dac_with_two_stage_and_box_refinement():
+    """The setting of the COCO config: each branch refines its own boxes from the same proposals."""
+    cfg = tiny_cfg(DECODER_MODE="dac", TWO_STAGE=True, WITH_BOX_REFINE=True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    counts, _ = count_calls(model)
+    losses = model(synthetic_batch())
+    layers = len(model.decoder.layers)
+    assert counts == {"self": layers, "cross": 2 * layers}
+    assert {"dac_loss_class", "dac_loss_bbox_0", "enc_loss_class"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()

@@ -188,6 +188,7 @@ def benchmark_modes(cfg, modes: List[str], iters: int = 20, warmup: int = 3, see
             "parameters": sum(p.numel() for p in models[mode][1].parameters()),
             "parameter_tensors_from_reference": shared[mode],
             "loss_mean": statistics.fmean(losses[mode]),
+            "step_times_s": times[mode],
         }
         if device.type == "cuda":
             entry["peak_memory_mib"] = peak[mode] / MIB
