@@ -302,17 +302,41 @@ def test_inference_identical_to_baseline_with_the_same_weights():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _flatten(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @pytest.mark.parametrize(
-    "config, two_stage",
-    [("configs/quickstart/dac_detr_r18_synthetic.yaml", False), ("configs/coco/dac_deformable_detr_r50_12ep.yaml", True)],
+    "config, baseline, also_differ",
+    [
+        ("quickstart/dac_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", set()),
+        (
+            "coco/dac_deformable_detr_r50_12ep.yaml",
+            "coco/deformable_detr_r50_12ep.yaml",
+            {"MODEL.HYBRID_DETR.TWO_STAGE", "MODEL.HYBRID_DETR.WITH_BOX_REFINE"},
+        ),
+    ],
 )
-def test_dac_configs_load(config, two_stage):
+def test_dac_configs_are_their_baseline_plus_dac(config, baseline, also_differ):
     from hybrid_detr.engine import load_config
 
-    cfg = load_config(os.path.join(REPO, config))
-    m = cfg.MODEL.HYBRID_DETR
-    assert m.DECODER_MODE == "dac"
-    assert m.TWO_STAGE == two_stage and m.WITH_BOX_REFINE == two_stage
+    dac = load_config(os.path.join(REPO, "configs", config))
+    base = load_config(os.path.join(REPO, "configs", baseline))
+    assert dac.MODEL.HYBRID_DETR.DECODER_MODE == "dac"
+    for key in also_differ:  # the paper's Deformable-DETR row: two-stage + box refinement
+        node = dac
+        for part in key.split("."):
+            node = node[part]
+        assert node is True
+    dac_keys, base_keys = _flatten(dac), _flatten(base)
+    differ = {k for k in dac_keys if dac_keys[k] != base_keys.get(k)}
+    assert differ <= {"MODEL.HYBRID_DETR.DECODER_MODE", "OUTPUT_DIR"} | also_differ
 
 
 def test_mode_benchmark_runs_both_modes_on_the_same_weights():
