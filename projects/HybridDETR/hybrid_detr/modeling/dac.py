@@ -115,7 +115,7 @@ class DACMatcher(nn.Module):
     def assign(self, score: torch.Tensor, gt_valid: torch.Tensor) -> Assignment:
         """The assignment from matching scores (N, Q, G) and a gt validity mask (N, G)."""
         n, q, g = score.shape
-        if g == 0 or not bool(gt_valid.any()):
+        if g == 0:
             return Assignment.empty(score.device)
         score = score.masked_fill(~gt_valid[:, None, :], -1.0)
         batch = torch.arange(n, device=score.device)
