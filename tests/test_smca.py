@@ -263,3 +263,28 @@ def test_smca_with_dac(deformable):
     cfg.MODEL.HYBRID_DETR.SMCA.DEFORMABLE = deformable
     _, losses = _train_and_infer(cfg)
     assert any(k.startswith("dac_") for k in losses)
+
+
+def test_flop_handle_counts_the_dense_attention():
+    from fvcore.nn import FlopCountAnalysis
+
+    from hybrid_detr.modeling.smca import sdpa_flop_jit
+
+    memory = make_memory(32)
+
+    class Wrapper(torch.nn.Module):  # tracing takes tensors only
+        def __init__(self):
+            super().__init__()
+            self.attention = SMCACrossAttention(32, 4, [0, 1], unit_level=1).eval()
+
+        def forward(self, query, reference, *fields):
+            return self.attention(query, None, EncoderMemory(*fields), reference)
+
+    fields = (memory.memory, memory.spatial_shapes, memory.level_start_index, memory.valid_ratios)
+    fields += (memory.padding_mask, memory.position)
+    inputs = (torch.randn(2, 7, 32), torch.rand(2, 7, 2)) + fields
+    analysis = FlopCountAnalysis(Wrapper(), inputs).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    # Q K^T and attention x V: N x heads x Q x S x (2 x head dim), over both levels.
+    expected = 2 * 4 * 7 * sum(h * w for h, w in SHAPES) * (8 + 8)
+    assert analysis.by_operator()["scaled_dot_product_attention"] == expected

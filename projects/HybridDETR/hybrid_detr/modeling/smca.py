@@ -42,12 +42,14 @@ log G (padded keys: -inf). The bias of one level is an (N, G, Q, H_l * W_l) tens
 (PER_HEAD) or 1. For the COCO config (800 x 1333, 4 levels 100x167, 50x84, 25x42, 13x21:
 S = 22,223 keys, 8 heads, 300 queries) the biases of one decoder layer total
 N x 8 x 300 x 22,223 = 53.3 M values per image, 213 MB in float32 (107 MB in fp16/bf16); the
-largest level alone is 160 MB. When the bias needs a gradient (it always does in training: it
-depends on the predicted offsets and scales) PyTorch runs the attention on its math path, which
-also keeps the softmax of each level for the backward pass: plan for about 0.4-0.5 GB per image per
-decoder layer, 2.5-3 GB per image for 6 decoder layers, on top of the deformable baseline. With
-SMCA.LEVELS = [1, 2, 3] (dropping the stride-8 level) this shrinks 4x. SMCA.PER_HEAD = False makes
-the bias itself 8x smaller (the attention probabilities are still per head).
+largest level alone is 160 MB. The bias needs a gradient in training (it depends on the predicted
+offsets and scales), and PyTorch keeps each level's attention probabilities for the backward pass
+as well. Measured on the CPU (float32, one image, one decoder layer at that size, all 4 levels,
+PER_HEAD): the forward keeps about 335 MB for the backward and peaks about 580 MB while it runs:
+about 2 GB kept per image for 6 decoder layers, on top of the deformable baseline (GPU figures
+not measured yet). SMCA.LEVELS = [1, 2, 3] (dropping the stride-8 level, 75% of the keys) brings
+the kept memory to about 130 MB per image and layer; SMCA.PER_HEAD = False makes the bias 8x
+smaller but keeps per-head probabilities (about 305 MB).
 
 "Deformable SMCA" (SMCA.DEFORMABLE: True)
 -----------------------------------------
@@ -56,6 +58,7 @@ Gaussian prior (center = the query's reference point + per-head offsets, per-hea
 log G at each sampling location to the deformable attention logits before their softmax
 (`GaussianModulatedMSDeformAttn`, a subclass of `MSDeformAttn`). Memory as the baseline.
 """
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -73,6 +76,7 @@ __all__ = [
     "GaussianPrior",
     "gaussian_log_prior",
     "distance_unit_level",
+    "sdpa_flop_jit",
 ]
 
 
@@ -322,3 +326,16 @@ class DeformableSMCACrossAttention(nn.Module):
             memory.padding_mask,
             log_prior=log_prior,
         )
+
+
+def sdpa_flop_jit(inputs, outputs):
+    """fvcore handle for `aten::scaled_dot_product_attention` (fvcore has none, so its FLOPs would be
+    left out): q (..., Lq, E), k (..., S, E), v (..., S, Ev) -> (..., Lq, E) * S + (..., Lq, Ev) * S
+    multiply-adds (Q K^T and the weighted sum of V; the softmax and the bias are not counted, as fvcore
+    counts no elementwise ops). Register with
+    `FlopCountAnalysis(...).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)`."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
