@@ -7,6 +7,7 @@
 // sampling point's location and weight are reduced over channels with warp shuffles and written
 // by lane 0 (one writer per point, no atomics). All offsets are 64-bit; no batch-size restriction.
 #include "../ms_deform_attn.h"
+#include "../ms_deform_attn_bilinear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -26,39 +27,6 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loop beyond thi
 struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
 };
-
-template <typename acc_t>
-struct Bilinear {
-  int64_t offset[4];  // corners (y0,x0), (y0,x1), (y1,x0), (y1,x1): y * W + x, or -1 outside
-  acc_t weight[4];
-  acc_t fx, fy;
-};
-
-// Pixel coordinates as grid_sample(align_corners=False): x = loc_x * W - 0.5.
-template <typename acc_t>
-__device__ __forceinline__ bool bilinear(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W, Bilinear<acc_t>& b) {
-  const acc_t x = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
-  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(W) && y < static_cast<acc_t>(H))) {
-    return false;  // also catches NaN
-  }
-  const acc_t xf = ::floor(x), yf = ::floor(y);
-  const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
-  const int64_t x1 = x0 + 1, y1 = y0 + 1;
-  const acc_t fx = x - xf, fy = y - yf;
-  b.fx = fx;
-  b.fy = fy;
-  const bool vx0 = x0 >= 0, vx1 = x1 < W, vy0 = y0 >= 0, vy1 = y1 < H;
-  b.offset[0] = (vy0 && vx0) ? y0 * W + x0 : -1;
-  b.offset[1] = (vy0 && vx1) ? y0 * W + x1 : -1;
-  b.offset[2] = (vy1 && vx0) ? y1 * W + x0 : -1;
-  b.offset[3] = (vy1 && vx1) ? y1 * W + x1 : -1;
-  b.weight[0] = (1 - fy) * (1 - fx);
-  b.weight[1] = (1 - fy) * fx;
-  b.weight[2] = fy * (1 - fx);
-  b.weight[3] = fy * fx;
-  return true;
-}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
