@@ -3,7 +3,11 @@
     python3 -m hybrid_detr.engine.mode_benchmark --config-file CONFIG --modes deformable dac smca co_detr \
         [--iters 20] [--warmup 3] [--device cpu|cuda] [--output result.json] [KEY VALUE ...]
 
-Every mode's model is built from the same config (only MODEL.HYBRID_DETR.DECODER_MODE differs), from
+A mode may carry its own config overrides after "@", as KEY=VALUE pairs joined by "@", so that
+variants of one mode run side by side:
+    --modes deformable co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS=1 co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS=2
+
+Every mode's model is built from the same config (only DECODER_MODE and a mode's own overrides differ), from
 the same seed, then given the first mode's weights wherever a parameter has the same name and shape
 (so shared parts start identical). The same training batches (the config's training set through
 DETR's mapper) go through every model, one full training step each (forward, losses, backward,
@@ -79,6 +83,22 @@ def _state_bytes(model, optimizer):
     return total
 
 
+def mode_config(cfg, spec: str):
+    """The config of one `--modes` entry: "MODE" or "MODE@KEY=VALUE@KEY=VALUE"."""
+    mode, *overrides = spec.split("@")
+    opts = ["MODEL.HYBRID_DETR.DECODER_MODE", mode]
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--modes entry {spec!r}: overrides after '@' must be KEY=VALUE, got {override!r}")
+        opts += [key, value]
+    mode_cfg = cfg.clone()
+    mode_cfg.defrost()
+    mode_cfg.merge_from_list(opts)
+    mode_cfg.freeze()
+    return mode_cfg
+
+
 def build_mode_models(cfg, modes: List[str], seed: int = 0):
     """{mode: (cfg, model)} in training mode; later modes load the first one's weights wherever a
     parameter or buffer has the same name and shape. Also returns, per mode, how many parameter
@@ -86,10 +106,7 @@ def build_mode_models(cfg, modes: List[str], seed: int = 0):
     models, shared = {}, {}
     reference = None
     for mode in modes:
-        mode_cfg = cfg.clone()
-        mode_cfg.defrost()
-        mode_cfg.MODEL.HYBRID_DETR.DECODER_MODE = mode
-        mode_cfg.freeze()
+        mode_cfg = mode_config(cfg, mode)
         torch.manual_seed(seed)
         model = build_model(mode_cfg)
         model.train()
@@ -199,7 +216,8 @@ def benchmark_modes(cfg, modes: List[str], iters: int = 20, warmup: int = 3, see
 
 def format_mode_benchmark(result) -> str:
     cuda = result["device"].startswith("cuda")
-    header = f"{'mode':<14}{'step ms (median)':>18}{'ratio':>8}{'mean ms':>10}{'saved-for-bwd MiB':>19}{'ratio':>8}"
+    width = max(14, 2 + max(len(mode) for mode in result["modes"]))
+    header = f"{'mode':<{width}}{'step ms (median)':>18}{'ratio':>8}{'mean ms':>10}{'saved-for-bwd MiB':>19}{'ratio':>8}"
     if cuda:
         header += f"{'peak MiB':>10}{'ratio':>8}"
     lines = [
@@ -209,7 +227,7 @@ def format_mode_benchmark(result) -> str:
     ]
     for mode, e in result["modes"].items():
         line = (
-            f"{mode:<14}{e['step_time_s_median'] * 1e3:>18.1f}{e['step_time_ratio']:>8.2f}"
+            f"{mode:<{width}}{e['step_time_s_median'] * 1e3:>18.1f}{e['step_time_ratio']:>8.2f}"
             f"{e['step_time_s_mean'] * 1e3:>10.1f}{e['saved_for_backward_mib']:>19.1f}{e['saved_for_backward_ratio']:>8.2f}"
         )
         if cuda:
@@ -221,7 +239,7 @@ def format_mode_benchmark(result) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--modes", nargs="+", required=True, help="DECODER_MODE values; the first is the reference")
+    parser.add_argument("--modes", nargs="+", required=True, help="DECODER_MODE values, each optionally with @KEY=VALUE overrides; the first is the reference")
     parser.add_argument("--iters", type=int, default=20, help="counted iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="uncounted first iterations (default 3)")
     parser.add_argument("--device", default=None, help="MODEL.DEVICE override (cpu, cuda)")
