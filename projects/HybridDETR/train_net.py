@@ -54,7 +54,6 @@ class Trainer(DefaultTrainer):
         num_classes = cfg.MODEL.HYBRID_DETR.NUM_CLASSES
         datasets = []
         for name in cfg.DATASETS.TRAIN:
-            ensure_synthetic_dataset(name)
             classes = MetadataCatalog.get(name).get("thing_classes")
             if classes is not None and len(classes) != num_classes:
                 raise ValueError(
@@ -74,12 +73,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        ensure_synthetic_dataset(dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        ensure_synthetic_dataset(dataset_name)
+        ensure_synthetic_dataset(dataset_name)  # COCOEvaluator opens metadata.json_file at once
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder)
