@@ -46,11 +46,7 @@ def _want_cuda(torch_has_cuda, cuda_home):
     return bool(torch_has_cuda and cuda_home)
 
 
-def get_extensions():
-    cuda_home = _find_cuda_home()
-    if cuda_home:
-        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
-        os.environ["CUDA_HOME"] = cuda_home
+def get_extensions(cuda_home):
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -94,6 +90,10 @@ def _link_configs():
 
 
 if __name__ == "__main__":
+    CUDA_HOME = _find_cuda_home()
+    if CUDA_HOME:
+        # Before anything imports torch.utils.cpp_extension: it reads CUDA_HOME once, at import.
+        os.environ["CUDA_HOME"] = CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension
 
     _link_configs()
@@ -106,7 +106,7 @@ if __name__ == "__main__":
         package_data={"hybrid_detr.model_zoo": ["configs/*.yaml", "configs/**/*.yaml"]},
         python_requires=">=3.9",
         install_requires=["scipy", "fvcore", "pycocotools"],  # detectron2 and torch: see README
-        ext_modules=get_extensions(),
+        ext_modules=get_extensions(CUDA_HOME),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
     )
