@@ -268,7 +268,7 @@ def test_smca_with_dac(deformable):
 def test_flop_handle_counts_the_dense_attention():
     from fvcore.nn import FlopCountAnalysis
 
-    from hybrid_detr.modeling.smca import sdpa_flop_jit
+    from hybrid_detr.layers import flop_count_handles
 
     memory = make_memory(32)
 
@@ -283,7 +283,7 @@ def test_flop_handle_counts_the_dense_attention():
     fields = (memory.memory, memory.spatial_shapes, memory.level_start_index, memory.valid_ratios)
     fields += (memory.padding_mask, memory.position)
     inputs = (torch.randn(2, 7, 32), torch.rand(2, 7, 2)) + fields
-    analysis = FlopCountAnalysis(Wrapper(), inputs).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    analysis = FlopCountAnalysis(Wrapper(), inputs).set_op_handle(**flop_count_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     # Q K^T and attention x V: N x heads x Q x S x (2 x head dim), over both levels.
     expected = 2 * 4 * 7 * sum(h * w for h, w in SHAPES) * (8 + 8)

@@ -3,7 +3,8 @@
 Speed is timed around `model(inputs)` alone (data loading excluded), after a few warm-up images,
 with `torch.cuda.synchronize()` around each call on a GPU. FLOPs are counted by fvcore's tracer
 through detectron2's `FlopCountAnalysis`, with our `hybrid_detr::ms_deform_attn` op counted by the
-handles `hybrid_detr.layers.flop_count_handles()` provides; like every fvcore-based figure in the
+handles `hybrid_detr.layers.flop_count_handles()` provides (with `scaled_dot_product_attention`, which
+the decoder self-attention and SMCA trace to); like every fvcore-based figure in the
 DETR literature, one "flop" is one multiply-add.
 """
 import itertools

@@ -28,7 +28,6 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_reference",
     "extension_available",
-    "flop_count_handles",
     "BUILD_HINT",
 ]
 
@@ -183,26 +182,3 @@ if _C is not None:
             sampling_locations.new_empty(sampling_locations.shape),
             attention_weights.new_empty(attention_weights.shape),
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# fvcore
-def ms_deform_attn_flop_jit(inputs, outputs):
-    """fvcore handle: multiply-adds of `hybrid_detr::ms_deform_attn`.
-
-    Per sampling point and channel: 4 for the bilinear interpolation + 1 for the attention weight.
-    """
-    from fvcore.nn.jit_handles import get_shape
-
-    loc_shape = get_shape(inputs[3])  # (N, Lq, M, L, P, 2)
-    value_shape = get_shape(inputs[0])  # (N, S, M, D)
-    if loc_shape is None or value_shape is None:
-        return 0
-    n, lq, m, lvl, p, _ = loc_shape
-    d = value_shape[3]
-    return n * lq * m * lvl * p * d * 5
-
-
-def flop_count_handles() -> dict:
-    """Op handles to pass to fvcore's `FlopCountAnalysis.set_op_handle(**...)` (or detectron2's)."""
-    return {"hybrid_detr::ms_deform_attn": ms_deform_attn_flop_jit}

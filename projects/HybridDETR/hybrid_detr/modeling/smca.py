@@ -58,7 +58,6 @@ Gaussian prior (center = the query's reference point + per-head offsets, per-hea
 log G at each sampling location to the deformable attention logits before their softmax
 (`GaussianModulatedMSDeformAttn`, a subclass of `MSDeformAttn`). Memory as the baseline.
 """
-import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -76,7 +75,6 @@ __all__ = [
     "GaussianPrior",
     "gaussian_log_prior",
     "distance_unit_level",
-    "sdpa_flop_jit",
 ]
 
 
@@ -326,16 +324,3 @@ class DeformableSMCACrossAttention(nn.Module):
             memory.padding_mask,
             log_prior=log_prior,
         )
-
-
-def sdpa_flop_jit(inputs, outputs):
-    """fvcore handle for `aten::scaled_dot_product_attention` (fvcore has none, so its FLOPs would be
-    left out): q (..., Lq, E), k (..., S, E), v (..., S, Ev) -> (..., Lq, E) * S + (..., Lq, Ev) * S
-    multiply-adds (Q K^T and the weighted sum of V; the softmax and the bias are not counted, as fvcore
-    counts no elementwise ops). Register with
-    `FlopCountAnalysis(...).set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)`."""
-    from fvcore.nn.jit_handles import get_shape
-
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    batch = math.prod(q[:-2])
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
