@@ -23,6 +23,22 @@ def inverse_sigmoid(x, eps=1e-5):
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def token_centers(spatial_shapes, valid_ratios):
+    """(x, y) centre of every token of every level, normalised to each image's valid (unpadded)
+    extent: (N, S, 2). The encoder's reference points and the two-stage proposals start here."""
+    centers = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            indexing="ij",
+        )
+        xs = xs.reshape(1, -1) / (valid_ratios[:, level, 0, None] * w)
+        ys = ys.reshape(1, -1) / (valid_ratios[:, level, 1, None] * h)
+        centers.append(torch.stack((xs, ys), -1))
+    return torch.cat(centers, 1)
+
+
 @dataclass
 class EncoderMemory:
     """The encoder's output and everything needed to attend to it."""
@@ -110,19 +126,8 @@ class DeformableEncoder(nn.Module):
 
     @staticmethod
     def reference_points(spatial_shapes, valid_ratios):
-        """Centre of every (valid-normalised) token, seen from every level: (N, S, L, 2)."""
-        points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(
-                torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                indexing="ij",
-            )
-            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
-            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
-            points.append(torch.stack((xs, ys), -1))
-        points = torch.cat(points, 1)
-        return points[:, :, None] * valid_ratios[:, None]
+        """Centre of every token, seen from every level's padded frame: (N, S, L, 2)."""
+        return token_centers(spatial_shapes, valid_ratios)[:, :, None] * valid_ratios[:, None]
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         reference_points = self.reference_points(spatial_shapes, valid_ratios).to(src.dtype)
@@ -324,21 +329,10 @@ class TwoStageQueries(nn.Module):
     @staticmethod
     def token_proposals(memory: EncoderMemory):
         """A box per token: its centre, side 0.05 * 2^level; (N, S, 4) and a validity mask."""
-        n = memory.memory.shape[0]
-        proposals = []
-        for level, (h, w) in enumerate(memory.spatial_shapes.tolist()):
-            valid_h = memory.valid_ratios[:, level, 1] * h
-            valid_w = memory.valid_ratios[:, level, 0] * w
-            ys, xs = torch.meshgrid(
-                torch.arange(h, dtype=torch.float32, device=memory.memory.device) + 0.5,
-                torch.arange(w, dtype=torch.float32, device=memory.memory.device) + 0.5,
-                indexing="ij",
-            )
-            cx = xs.reshape(1, -1) / valid_w[:, None]
-            cy = ys.reshape(1, -1) / valid_h[:, None]
-            side = torch.full_like(cx, 0.05 * 2.0**level)
-            proposals.append(torch.stack((cx, cy, side, side), -1))
-        proposals = torch.cat(proposals, 1).expand(n, -1, -1)
+        centers = token_centers(memory.spatial_shapes, memory.valid_ratios)
+        sizes = [int(h * w) for h, w in memory.spatial_shapes.tolist()]
+        side = torch.cat([centers.new_full((s,), 0.05 * 2.0**level) for level, s in enumerate(sizes)])
+        proposals = torch.cat((centers, side[None, :, None].expand(centers.shape[0], -1, 2)), -1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~memory.padding_mask
         return proposals, valid
 
