@@ -324,7 +324,7 @@ def _flatten(node, prefix=""):
     ],
 )
 def test_dac_configs_are_their_baseline_plus_dac(config, baseline, also_differ):
-    from hybrid_detr.engine import load_config
+    from hybrid_detr.config import load_config
 
     dac = load_config(os.path.join(REPO, "configs", config))
     base = load_config(os.path.join(REPO, "configs", baseline))

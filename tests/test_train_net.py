@@ -19,7 +19,8 @@ from detectron2.engine import default_argument_parser
 
 import train_net
 from hybrid_detr.data import SYNTHETIC_CLASSES, register_synthetic_datasets
-from hybrid_detr.engine import build_optimizer, get_param_groups, load_config
+from hybrid_detr.config import load_config
+from hybrid_detr.engine import build_optimizer, get_param_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT_DIR = os.path.join(ROOT, "projects", "HybridDETR")

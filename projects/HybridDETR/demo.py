@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import hybrid_detr  # noqa: E402,F401  (registers the HybridDETR meta-architecture and datasets)
-from hybrid_detr.engine import load_config  # noqa: E402
+from hybrid_detr.config import load_config  # noqa: E402
 
 logger = logging.getLogger("detectron2")
 

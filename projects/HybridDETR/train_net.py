@@ -32,7 +32,8 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import hybrid_detr  # noqa: E402,F401  (registers the HybridDETR meta-architecture)
 from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset, validate_dataset_dicts  # noqa: E402
-from hybrid_detr.engine import benchmark_model, build_optimizer, format_benchmark, load_config  # noqa: E402
+from hybrid_detr.config import load_config  # noqa: E402
+from hybrid_detr.engine import benchmark_model, build_optimizer, format_benchmark  # noqa: E402
 
 logger = logging.getLogger("detectron2")
 

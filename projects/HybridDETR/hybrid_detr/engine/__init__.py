@@ -1,4 +1,3 @@
 """Training and evaluation pieces of HybridDETR's `train_net.py`."""
 from .benchmark import benchmark_model, count_flops, format_benchmark, measure_inference_speed  # noqa: F401
 from .optimizer import build_optimizer, get_param_groups, maybe_add_full_model_gradient_clipping  # noqa: F401
-from .defaults import get_hybrid_detr_cfg, load_config  # noqa: F401

@@ -36,7 +36,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ..data import DetrDatasetMapper, ensure_synthetic_dataset
-from .defaults import load_config
+from ..config import load_config
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)

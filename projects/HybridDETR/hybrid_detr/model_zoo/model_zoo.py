@@ -15,7 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from hybrid_detr.engine.defaults import load_config
+from hybrid_detr.config import load_config
 
 __all__ = ["list_configs", "get_config_file", "get_config", "get"]
 
