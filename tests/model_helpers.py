@@ -48,3 +48,15 @@ def synthetic_input(height, width, num_objects, seed=0):
 def synthetic_batch():
     """Two images of different sizes (so padding is exercised), one without objects."""
     return [synthetic_input(96, 128, 3, seed=1), synthetic_input(80, 100, 0, seed=2)]
+
+
+def load_tool(name):
+    """A script of tools/ as a module (tools are scripts, not part of the package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,7 +9,11 @@ import difflib
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config"]
+from .modeling.co_detr.config import add_co_detr_config
+from .modeling.dac.config import add_dac_config
+from .modeling.smca.config import add_smca_config
+
+__all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config", "merge_overrides"]
 
 
 def add_hybrid_detr_config(cfg):
@@ -43,78 +47,11 @@ def add_hybrid_detr_config(cfg):
     model.COST_BBOX = 5.0
     model.COST_GIOU = 2.0
 
-    _add_dac_config(model)
-    _add_smca_config(model)
-    _add_co_detr_config(model)
+    # Each paper's keys live next to its code.
+    add_dac_config(cfg)
+    add_smca_config(cfg)
+    add_co_detr_config(cfg)
     _add_solver_and_input_config(cfg)
-
-
-def _add_dac_config(model):
-    """DAC-DETR: the C-decoder (no self-attention) trained one-to-many."""
-    model.DAC = CN()
-    dac = model.DAC
-    # Matching score = IOU_WEIGHT * IoU(pred, gt) + CLS_WEIGHT * p(gt class).
-    dac.MATCH_IOU_WEIGHT = 0.7
-    dac.MATCH_CLS_WEIGHT = 0.3
-    dac.SCORE_THRESHOLD = 0.4
-    dac.TOPK_PER_GT = 6
-    dac.MAX_POSITIVES = 75  # per image
-    # Which positives survive the cap: "random" (the official code samples them) or "score" (the
-    # highest-scoring ones, deterministic).
-    dac.CAP_SAMPLING = "random"
-    # C-branch losses are normalised by num_boxes * LOSS_NORM_FACTOR.
-    dac.LOSS_NORM_FACTOR = 3.0
-    # Official-code variants: score the C-branch's classes against the O-branch's boxes, and feed
-    # the C-branch at layer 0 with the O-branch's layer-0 self-attention output.
-    dac.MATCH_AGAINST_O_BOXES = False
-    dac.C_INPUT_FROM_O_SELF_ATTN = False
-    # "focal", or "iou_aware_bce" (Align-DETR's loss, the paper's "*" rows; as in the official code its
-    # rank weights also weight the C-branch's L1 and GIoU losses).
-    dac.CLS_LOSS = "focal"
-
-
-def _add_smca_config(model):
-    """SMCA: Gaussian-modulated co-attention in the decoder."""
-    model.SMCA = CN()
-    smca = model.SMCA
-    # log G = -(dx^2 / (BETA s_w^2) + dy^2 / (BETA s_h^2)), distances in cells of the stride-32
-    # level (hybrid_detr/modeling/smca.py). A huge BETA makes the prior flat.
-    smca.BETA = 8.0
-    # One Gaussian per head (True in the paper's multi-head variant) or one shared by all heads.
-    smca.PER_HEAD = True
-    # Encoder levels the dense co-attention attends to (indices into the feature levels), mixed by
-    # scale-selection weights. Memory grows with their tokens: [1, 2, 3] drops the stride-8 level.
-    smca.LEVELS = [0, 1, 2, 3]
-    # "Deformable SMCA": keep deformable cross-attention and add the Gaussian log-prior to its
-    # attention logits at the sampling locations, instead of dense co-attention.
-    smca.DEFORMABLE = False
-
-
-def _add_co_detr_config(model):
-    """Co-DETR: auxiliary one-to-many heads on the encoder and their customized positive queries."""
-    model.CO_DETR = CN()
-    co = model.CO_DETR
-    co.NUM_AUX_HEADS = 2  # 0: none, 1: ATSS, 2: ATSS + Faster R-CNN
-    co.LAMBDA1 = 1.0  # weight of the decoder losses on the customized positive queries
-    co.LAMBDA2 = 2.0  # weight of the auxiliary heads' own losses
-    # The official configs multiply every auxiliary-head loss weight by the number of decoder
-    # layers too (lambda2 * DEC_LAYERS), to balance the per-layer decoder losses.
-    co.SCALE_AUX_BY_DEC_LAYERS = True
-    co.MIN_POS_QUERIES = 9
-    co.MAX_POS_QUERIES = 300
-    # ATSS: one square anchor per location, side ATSS_ANCHOR_SCALE * stride, centred on the cell.
-    co.ATSS_TOPK = 9
-    co.ATSS_ANCHOR_SCALE = 8.0  # anchor side = scale * stride
-    co.ATSS_STACKED_CONVS = 1  # 3x3 conv + GN + ReLU layers in each of the cls / reg towers
-    # Faster R-CNN (detectron2's RPN + StandardROIHeads on the adapter's levels).
-    co.RPN_ANCHOR_SCALE = 8.0  # anchor size = scale * stride, aspect ratios below
-    co.RPN_ASPECT_RATIOS = [0.5, 1.0, 2.0]
-    co.RPN_PRE_NMS_TOPK_TRAIN = 4000
-    co.RPN_POST_NMS_TOPK_TRAIN = 1000
-    # Official: L1 on the RPN deltas, GIoU (weight 10) on the RoI head's decoded boxes.
-    co.RPN_BBOX_REG_LOSS_TYPE = "smooth_l1"  # with SMOOTH_L1_BETA 0, i.e. L1
-    co.ROI_BBOX_REG_LOSS_TYPE = "giou"
-    co.ROI_BBOX_REG_LOSS_WEIGHT = 10.0
 
 
 def _add_solver_and_input_config(cfg):
@@ -126,6 +63,7 @@ def _add_solver_and_input_config(cfg):
     # DETR augmentation: with probability 0.5, resize to one of these shortest sides and crop
     # (INPUT.CROP) before the multi-scale resize.
     cfg.INPUT.DETR_CROP_RESIZE = [400, 500, 600]
+
 
 def get_hybrid_detr_cfg() -> CfgNode:
     """detectron2's default config with HybridDETR's keys added."""
@@ -178,6 +116,12 @@ def load_config(config_file: str = "", opts=()) -> CfgNode:
             if isinstance(message, str) and message.startswith(prefix):
                 raise _unknown_key_error(cfg, message[len(prefix):], f"in {config_file}") from None
             raise
+    merge_overrides(cfg, opts)
+    return cfg
+
+
+def merge_overrides(cfg: CfgNode, opts) -> CfgNode:
+    """`cfg.merge_from_list(opts)` (KEY VALUE ...), an unknown key raising KeyError naming it."""
     opts = list(opts or [])
     _check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)

@@ -1,6 +1,6 @@
 """The detection loss shared by every branch: focal classification + L1 + GIoU on the pairs an
 `Assignment` names. Which pairs, and how they are normalised, is the branch's business."""
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,18 +12,34 @@ from detectron2.utils import comm
 from .matcher import Assignment
 from .transformer import DecoderOutput
 
+
+
+class ClassLoss(NamedTuple):
+    """What a classification loss returns."""
+
+    value: torch.Tensor  # the (normalised, unweighted) classification loss
+    # (P,) weight of each assigned pair's L1 and GIoU losses; None weights every pair 1
+    pair_weight: Optional[torch.Tensor] = None
+
+
 # (logits (N, Q, K), one-hot targets (N, Q, K), assignment, matched predicted boxes (P, 4),
-#  matched gt boxes (P, 4), normaliser) -> scalar, or (scalar, pair weights (P,)) to also weight
-#  each pair's L1 and GIoU losses (Align-DETR's rank weights, DAC-DETR's official loss)
-ClassificationLoss = Callable[..., torch.Tensor]
+#  matched gt boxes (P, 4), normaliser) -> ClassLoss
+ClassificationLoss = Callable[..., ClassLoss]
+
+
+def mean_across_workers(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over the distributed workers (the tensor itself on one worker)."""
+    if comm.get_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value = value / comm.get_world_size()
+    return value
 
 
 def num_boxes_across_workers(targets: List[Dict[str, torch.Tensor]], device) -> float:
     """Average number of gt boxes per worker, the loss normaliser (at least 1)."""
     num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if comm.get_world_size() > 1:
-        torch.distributed.all_reduce(num_boxes)
-    return max(num_boxes.item() / comm.get_world_size(), 1.0)
+    return max(mean_across_workers(num_boxes).item(), 1.0)
 
 
 class DetectionCriterion(nn.Module):
@@ -38,7 +54,7 @@ class DetectionCriterion(nn.Module):
 
     def focal_loss(self, logits, onehot, assignment, pred_boxes, gt_boxes, normalizer):
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
-        return loss / normalizer
+        return ClassLoss(loss / normalizer)
 
     def forward(
         self,
@@ -57,10 +73,7 @@ class DetectionCriterion(nn.Module):
         onehot[assignment.batch_index, assignment.query_index, gt_labels] = 1.0
         pred_boxes = boxes[assignment.batch_index, assignment.query_index]
         classification_loss = classification_loss or self.focal_loss
-        loss_class = classification_loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer)
-        pair_weight = None
-        if isinstance(loss_class, tuple):
-            loss_class, pair_weight = loss_class
+        loss_class, pair_weight = classification_loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer)
         # Sums over P pairs: with no objects in the batch they are a true zero, still in the graph.
         l1 = F.l1_loss(pred_boxes, gt_boxes, reduction="none").sum(-1)
         giou = generalized_box_iou_loss(

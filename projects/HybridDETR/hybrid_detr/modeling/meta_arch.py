@@ -2,54 +2,37 @@
 
 images -> backbone -> neck -> deformable encoder -> queries (learned or two-stage) -> decoder
 -> training: one-to-one losses + each mode's branch losses; inference: top-k -> Instances.
+
+The host knows the modes only through the contract in `modes.py`: the decoder mode builds each
+decoder layer's cross-attention and the training branches.
 """
-from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
+from .box_ops import normalized_targets
 from .criterion import DetectionCriterion, num_boxes_across_workers
 from .matcher import HungarianMatcher
-from .modes import CROSS_ATTENTION_REGISTRY, TRAINING_BRANCH_REGISTRY, parse_decoder_mode
+from .modes import BranchInputs, parse_decoder_mode
 from .neck import MultiScaleNeck, backbone_levels
+from .token_layout import EncoderMemory, LevelLayout, valid_ratios
 from .transformer import (
     DecoderOutput,
-    DeformableCrossAttention,
     DeformableDecoder,
     DeformableEncoder,
     DeformableEncoderLayer,
-    EncoderMemory,
     LearnedQueries,
     PredictionHeads,
-    QueryGroup,
     TwoStageQueries,
     build_decoder_layers,
 )
 
-__all__ = ["HybridDETR", "BranchInputs"]
-
-
-CROSS_ATTENTION_REGISTRY.register(DeformableCrossAttention)
-
-
-@dataclass
-class BranchInputs:
-    """What a training branch may use; built once per training step."""
-
-    queries: QueryGroup  # the one-to-one queries, as they entered the decoder
-    memory: EncoderMemory
-    one_to_one: DecoderOutput
-    targets: List[Dict[str, torch.Tensor]]  # per image {"labels", "boxes" cxcywh in [0, 1]}
-    num_boxes: float  # loss normaliser (gt boxes per worker)
-    images: ImageList  # the padded batch (sizes for detectron2 heads)
-    gt_instances: List[Instances]  # absolute-coordinate targets (detectron2 heads)
-    decoder: DeformableDecoder
-    criterion: DetectionCriterion
+__all__ = ["HybridDETR"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -73,9 +56,8 @@ class HybridDETR(nn.Module):
         )
         self.encoder = DeformableEncoder(encoder_layer, m.ENC_LAYERS)
         heads = PredictionHeads(m.HIDDEN_DIM, m.NUM_CLASSES, m.DEC_LAYERS, m.WITH_BOX_REFINE, m.TWO_STAGE)
-        cross_attention = CROSS_ATTENTION_REGISTRY.get(self.mode.cross_attention)
         layers = build_decoder_layers(
-            m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: cross_attention.from_config(cfg)
+            m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: self.mode.build_cross_attention(cfg)
         )
         self.decoder = DeformableDecoder(layers, heads, refine_boxes=m.WITH_BOX_REFINE)
         if m.TWO_STAGE:
@@ -87,9 +69,7 @@ class HybridDETR(nn.Module):
         self.criterion = DetectionCriterion(
             m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT
         )
-        self.branches = nn.ModuleDict(
-            {name: TRAINING_BRANCH_REGISTRY.get(name)(cfg, self.neck.strides) for name in self.mode.branches}
-        )
+        self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
@@ -107,7 +87,7 @@ class HybridDETR(nn.Module):
             return self.inference(one_to_one, images.image_sizes, batched_inputs)
 
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        targets = self.prepare_targets(gt_instances, images.image_sizes)
+        targets = normalized_targets(gt_instances, images.image_sizes)
         num_boxes = num_boxes_across_workers(targets, self.device)
         losses = self.criterion.decoder_losses(
             one_to_one, targets, lambda _, logits, boxes: self.matcher(logits, boxes, targets), num_boxes,
@@ -137,35 +117,13 @@ class HybridDETR(nn.Module):
     def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> EncoderMemory:
         features = self.backbone(images)
         maps, masks, positions = self.neck([features[f] for f in self.in_features], padding_mask)
-        spatial_shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.int64, device=images.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([self.valid_ratio(mask) for mask in masks], 1)
-        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
-        pos = torch.cat(
-            [p.flatten(2).transpose(1, 2) + self.level_embed[level] for level, p in enumerate(positions)], 1
-        )
-        flat_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, flat_mask)
-        return EncoderMemory(memory, spatial_shapes, level_start_index, valid_ratios, flat_mask, pos)
-
-    @staticmethod
-    def valid_ratio(mask):
-        """Valid (w, h) fraction of a padded level, (N, 2)."""
-        _, h, w = mask.shape
-        valid_h = (~mask[:, :, 0]).sum(1).float()
-        valid_w = (~mask[:, 0, :]).sum(1).float()
-        return torch.stack((valid_w / w, valid_h / h), -1)
-
-    @staticmethod
-    def prepare_targets(gt_instances: List[Instances], image_sizes):
-        """Absolute xyxy boxes -> cxcywh normalised by the (unpadded) image size."""
-        targets = []
-        for instances, (h, w) in zip(gt_instances, image_sizes):
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=instances.gt_boxes.device)
-            xyxy = instances.gt_boxes.tensor / scale
-            cxcywh = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), -1)
-            targets.append({"labels": instances.gt_classes, "boxes": cxcywh})
-        return targets
+        layout = LevelLayout.of_maps(maps)
+        ratios = valid_ratios(masks)
+        src = layout.flatten(maps)
+        pos = layout.flatten([p + self.level_embed[level][:, None, None] for level, p in enumerate(positions)])
+        flat_mask = layout.flatten(masks)
+        memory = self.encoder(src, pos, layout, ratios, flat_mask)
+        return EncoderMemory(memory, layout, ratios, flat_mask, pos)
 
     def inference(self, outputs: DecoderOutput, image_sizes, batched_inputs):
         """Top-k (query, class) pairs of the last layer -> Instances in original image coordinates."""
@@ -177,8 +135,7 @@ class HybridDETR(nn.Module):
         boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
         results = []
         for i, (h, w) in enumerate(image_sizes):
-            cxcy, wh = boxes[i, :, :2], boxes[i, :, 2:]
-            xyxy = torch.cat((cxcy - wh / 2, cxcy + wh / 2), -1) * torch.tensor([w, h, w, h], device=boxes.device)
+            xyxy = box_convert(boxes[i], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=boxes.device)
             instances = Instances((h, w))
             instances.pred_boxes = Boxes(xyxy)
             instances.scores = scores[i]

@@ -2,13 +2,15 @@
 the query sources (learned queries, or two-stage proposals from the encoder).
 
 Every mode uses these same classes. The decoder runs a *group* of queries (`QueryGroup`): the
-one-to-one queries, DAC's C-branch (same queries, self-attention skipped) and Co-DETR's positive
-queries are all groups, so the papers' branches are calls to one decoder rather than copies of it.
+one-to-one queries and every training branch's queries (with self-attention skipped, or several
+groups kept apart by a self-attention mask) are groups, so a branch is a call to this one decoder
+rather than a copy of it. The cross-attention of each decoder layer is built by the decoder mode
+(`modes.py`); this module knows only its call signature.
 """
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,50 +18,12 @@ from torch import nn
 
 from ..layers import MSDeformAttn
 from .position_encoding import box_sine_embedding
+from .token_layout import EncoderMemory, LevelLayout
 
 
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def token_centers(spatial_shapes, valid_ratios):
-    """(x, y) centre of every token of every level, normalised to each image's valid (unpadded)
-    extent: (N, S, 2). The encoder's reference points and the two-stage proposals start here."""
-    centers = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-            torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-            indexing="ij",
-        )
-        xs = xs.reshape(1, -1) / (valid_ratios[:, level, 0, None] * w)
-        ys = ys.reshape(1, -1) / (valid_ratios[:, level, 1, None] * h)
-        centers.append(torch.stack((xs, ys), -1))
-    return torch.cat(centers, 1)
-
-
-@dataclass
-class EncoderMemory:
-    """The encoder's output and everything needed to attend to it."""
-
-    memory: torch.Tensor  # (N, S, C)
-    spatial_shapes: torch.Tensor  # (L, 2) int64, (H, W) of each level
-    level_start_index: torch.Tensor  # (L,) int64
-    valid_ratios: torch.Tensor  # (N, L, 2) valid (w, h) fraction of each padded level
-    padding_mask: torch.Tensor  # (N, S) True on padding
-    # (N, S, C) the keys' position embedding (sine + level embedding) the encoder used; for dense
-    # attention to the memory (SMCA's co-attention). None when the caller has none.
-    position: Optional[torch.Tensor] = None
-
-    def split_levels(self) -> List[torch.Tensor]:
-        """Memory as per-level maps (N, C, H, W), finest first."""
-        n, _, c = self.memory.shape
-        sizes = [int(h * w) for h, w in self.spatial_shapes.tolist()]
-        return [
-            level.transpose(1, 2).reshape(n, c, int(h), int(w))
-            for level, (h, w) in zip(self.memory.split(sizes, dim=1), self.spatial_shapes.tolist())
-        ]
 
 
 @dataclass
@@ -71,7 +35,7 @@ class QueryGroup:
     reference: torch.Tensor  # (N, Q, 2) points or (N, Q, 4) cxcywh boxes, normalised to [0, 1]
     # (Q, Q) bool, True where query i may NOT attend to query j (keeps groups apart).
     self_attn_mask: Optional[torch.Tensor] = None
-    # (N, Q) bool, True on padding queries (Co-DETR pads groups to a common length).
+    # (N, Q) bool, True on padding queries (groups padded to a common length per image).
     padding_mask: Optional[torch.Tensor] = None
 
 
@@ -82,8 +46,8 @@ class DecoderOutput:
     logits: torch.Tensor  # (num_layers, N, Q, num_classes)
     boxes: torch.Tensor  # (num_layers, N, Q, 4) cxcywh in [0, 1]
     hidden: torch.Tensor  # (num_layers, N, Q, C)
-    # Output of the first layer's self-attention block (DAC's official C-branch input).
-    first_self_attn_output: Optional[torch.Tensor] = None
+    # Each layer's content after its self-attention block (empty when self-attention was skipped).
+    self_attn_outputs: Tuple[torch.Tensor, ...] = ()
 
     def layer(self, i):
         return self.logits[i], self.boxes[i]
@@ -114,8 +78,10 @@ class DeformableEncoderLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, d_ffn, dropout)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(self, src, pos, reference_points, layout: LevelLayout, padding_mask):
+        attended = self.self_attn(
+            src + pos, reference_points, src, layout.spatial_shapes, layout.level_start_index, padding_mask
+        )
         return self.ffn(self.norm(src + self.dropout(attended)))
 
 
@@ -125,35 +91,15 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes, valid_ratios):
+    def reference_points(layout: LevelLayout, valid_ratios):
         """Centre of every token, seen from every level's padded frame: (N, S, L, 2)."""
-        return token_centers(spatial_shapes, valid_ratios)[:, :, None] * valid_ratios[:, None]
+        return layout.token_centers(valid_ratios)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        reference_points = self.reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+    def forward(self, src, pos, layout: LevelLayout, valid_ratios, padding_mask):
+        reference_points = self.reference_points(layout, valid_ratios).to(src.dtype)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, reference_points, layout, padding_mask)
         return src
-
-
-class DeformableCrossAttention(nn.Module):
-    """The baseline decoder cross-attention: MSDeformAttn around each query's reference."""
-
-    def __init__(self, d_model, n_levels, n_heads, n_points):
-        super().__init__()
-        self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-
-    @classmethod
-    def from_config(cls, cfg):
-        m = cfg.MODEL.HYBRID_DETR
-        return cls(m.HIDDEN_DIM, m.NUM_FEATURE_LEVELS, m.NHEADS, m.DEC_N_POINTS)
-
-    def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):
-        """query: (N, Q, C) content + position; reference_points: (N, Q, L, 2|4) in each level's
-        padded frame. `query_reference` (N, Q, 2|4) is the unscaled reference, for modulated variants."""
-        return self.attn(
-            query, reference_points, memory.memory, memory.spatial_shapes, memory.level_start_index, memory.padding_mask
-        )
 
 
 class DecoderLayer(nn.Module):
@@ -174,11 +120,6 @@ class DecoderLayer(nn.Module):
         q = k = content + position
         attended = self.self_attn(q, k, content, attn_mask=attn_mask, need_weights=False)[0]
         return self.norm_self(content + self.dropout_self(attended))
-
-    def forward(self, content, position, reference_points, memory, query_reference, attn_mask=None, skip_self_attn=False):
-        if not skip_self_attn:
-            content = self.self_attention(content, position, attn_mask)
-        return self.cross_and_ffn(content, position, reference_points, memory, query_reference)
 
     def cross_and_ffn(self, content, position, reference_points, memory, query_reference):
         attended = self.cross_attn(content + position, reference_points, memory, query_reference)
@@ -247,16 +188,13 @@ class DeformableDecoder(nn.Module):
     def forward(self, group: QueryGroup, memory: EncoderMemory, skip_self_attn=False) -> DecoderOutput:
         attn_mask = self._self_attn_mask(group)
         content, reference = group.content, group.reference
-        all_logits, all_boxes, all_hidden = [], [], []
-        first_self_attn_output = None
+        all_logits, all_boxes, all_hidden, self_attn_outputs = [], [], [], []
         for i, layer in enumerate(self.layers):
             reference_points = self._scale_to_levels(reference, memory.valid_ratios)
-            if i == 0 and not skip_self_attn:
+            if not skip_self_attn:
                 content = layer.self_attention(content, group.position, attn_mask)
-                first_self_attn_output = content
-                content = layer.cross_and_ffn(content, group.position, reference_points, memory, reference)
-            else:
-                content = layer(content, group.position, reference_points, memory, reference, attn_mask, skip_self_attn)
+                self_attn_outputs.append(content)
+            content = layer.cross_and_ffn(content, group.position, reference_points, memory, reference)
             logits, boxes = self.heads.predict(i, content, reference)
             if self.refine_boxes:
                 reference = boxes.detach() if reference.shape[-1] == 4 else boxes[..., :2].detach()
@@ -264,7 +202,7 @@ class DeformableDecoder(nn.Module):
             all_boxes.append(boxes)
             all_hidden.append(content)
         return DecoderOutput(
-            torch.stack(all_logits), torch.stack(all_boxes), torch.stack(all_hidden), first_self_attn_output
+            torch.stack(all_logits), torch.stack(all_boxes), torch.stack(all_hidden), tuple(self_attn_outputs)
         )
 
     @staticmethod
@@ -329,9 +267,8 @@ class TwoStageQueries(nn.Module):
     @staticmethod
     def token_proposals(memory: EncoderMemory):
         """A box per token: its centre, side 0.05 * 2^level; (N, S, 4) and a validity mask."""
-        centers = token_centers(memory.spatial_shapes, memory.valid_ratios)
-        sizes = [int(h * w) for h, w in memory.spatial_shapes.tolist()]
-        side = torch.cat([centers.new_full((s,), 0.05 * 2.0**level) for level, s in enumerate(sizes)])
+        centers = memory.layout.token_centers(memory.valid_ratios)
+        side = torch.cat([centers.new_full((s,), 0.05 * 2.0**level) for level, s in enumerate(memory.layout.sizes)])
         proposals = torch.cat((centers, side[None, :, None].expand(centers.shape[0], -1, 2)), -1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~memory.padding_mask
         return proposals, valid

@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from ..transformer import EncoderMemory
+from ..token_layout import EncoderMemory
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -36,9 +36,3 @@ class MultiScaleAdapter(nn.Module):
                 f"{self.strides[:-1]}), the encoder memory has {len(levels)}"
             )
         return levels + [self.downsample(levels[-1])]
-
-
-def flatten_levels(maps: List[torch.Tensor]) -> torch.Tensor:
-    """(N, C, H, W) maps -> (N, sum H*W, C), level-major and row-major within a level: the order
-    of detectron2's anchor generators and of the heads' flattened predictions."""
-    return torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)

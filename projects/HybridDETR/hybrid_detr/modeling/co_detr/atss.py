@@ -5,40 +5,22 @@ The assigner is vectorised over the batch: ground truths are padded to the large
 batch (with a validity mask), so one set of tensor ops assigns every image at once.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Instances
-from detectron2.utils import comm
+from detectron2.structures import ImageList, Instances
 
+from ..box_ops import pad_targets
+from ..criterion import mean_across_workers
+from ..token_layout import LevelLayout
 from .adapter import group_norm
-from .positive_queries import AuxPositives
-
-
-def average_across_workers(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar tensor over the distributed workers (itself on one worker)."""
-    if comm.get_world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value = value / comm.get_world_size()
-    return value
-
-
-def padded_targets(gt_instances: List[Instances]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Absolute xyxy gt boxes (N, G, 4), labels (N, G) and validity (N, G), G = most in an image."""
-    boxes = pad_sequence([x.gt_boxes.tensor.float() for x in gt_instances], batch_first=True)
-    labels = pad_sequence([x.gt_classes for x in gt_instances], batch_first=True, padding_value=-1)
-    if boxes.dim() == 2:  # every image is empty: pad_sequence gives (N, 0)
-        boxes = boxes.new_zeros(len(gt_instances), 0, 4)
-        labels = labels.new_full((len(gt_instances), 0), -1)
-    return boxes, labels, labels >= 0
+from .positive_queries import AuxPositives, image_sizes_tensor
 
 
 @dataclass
@@ -204,18 +186,20 @@ class ATSSHead(nn.Module):
         per_level = self.anchor_generator(maps)
         return torch.cat([b.tensor for b in per_level]), [len(b) for b in per_level]
 
-    def forward(self, maps: List[torch.Tensor], flat_features: torch.Tensor, image_sizes: torch.Tensor, gt_instances):
+    def forward(self, maps: List[torch.Tensor], images: ImageList, gt_instances: List[Instances]):
         """Losses (weighted, unscaled) and the positive anchors for Co-DETR's positive queries.
-
-        flat_features (N, A, C): the adapter's maps flattened in anchor order (the positive
-        queries' content); image_sizes (N, 2) (h, w) of each unpadded image."""
+        `images`: the padded batch (its image sizes tell which anchors lie on padding)."""
         if len(maps) != len(self.strides):
             raise ValueError(f"ATSS head built for {len(self.strides)} levels, got {len(maps)} maps")
+        image_sizes = image_sizes_tensor(images, maps[0].device)
+        flat_features = LevelLayout.flatten(maps)  # in anchor order: the positive queries' content
         logits, deltas, centerness = self.predict(maps)
         anchors, num_per_level = self.anchors(maps)
         centers = (anchors[:, :2] + anchors[:, 2:]) / 2
         anchor_valid = (centers[None, :, 0] < image_sizes[:, None, 1]) & (centers[None, :, 1] < image_sizes[:, None, 0])
-        gt_boxes, gt_labels, gt_valid = padded_targets(gt_instances)
+        gt_labels, gt_boxes, gt_valid = pad_targets(
+            [x.gt_classes for x in gt_instances], [x.gt_boxes.tensor.float() for x in gt_instances]
+        )
         assignment = self.assigner(anchors, num_per_level, gt_boxes, gt_valid, anchor_valid)
 
         batch_index, anchor_index = assignment.positive.nonzero(as_tuple=True)
@@ -224,7 +208,7 @@ class ATSSHead(nn.Module):
         onehot = torch.zeros_like(logits)
         onehot[batch_index, anchor_index, gt_labels[batch_index, gt_index]] = 1.0
 
-        num_pos = average_across_workers(torch.tensor(float(len(batch_index)), device=logits.device)).clamp(min=1.0)
+        num_pos = mean_across_workers(torch.tensor(float(len(batch_index)), device=logits.device)).clamp(min=1.0)
         focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
         loss_cls = (focal.sum(-1) * anchor_valid).sum() / num_pos
 
@@ -232,7 +216,7 @@ class ATSSHead(nn.Module):
         pos_anchors = anchors[anchor_index]
         pred_boxes = self.box2box.apply_deltas(deltas[batch_index, anchor_index], pos_anchors)
         target_centerness = centerness_targets(centers[anchor_index], matched_boxes)
-        centerness_norm = average_across_workers(target_centerness.sum().detach()).clamp(min=1.0)
+        centerness_norm = mean_across_workers(target_centerness.sum().detach()).clamp(min=1.0)
         giou = generalized_box_iou_loss(pred_boxes, matched_boxes, reduction="none")
         loss_bbox = (giou * target_centerness).sum() / centerness_norm
         loss_centerness = (

@@ -9,18 +9,20 @@ groups go through the decoder in one batched pass (a block-diagonal self-attenti
 them apart), instead of one full decoder pass per head. Training only: the meta-arch never calls
 a branch at inference, so the adapter and the heads cost nothing at test time.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+from detectron2.config import configurable
 from torch import nn
 
-from ..meta_arch import BranchInputs
-from ..modes import TRAINING_BRANCH_REGISTRY
-from .adapter import MultiScaleAdapter, flatten_levels
-from .atss import ATSSHead, average_across_workers
+from ..criterion import mean_across_workers
+from ..modes import BranchInputs, register_decoder_mode
+from .adapter import MultiScaleAdapter
+from .atss import ATSSHead
 from .positive_queries import (
     PositiveQueryEmbedding,
     concat_groups,
+    image_sizes_tensor,
     pack_positives,
     padded_focal_loss,
     split_decoder_output,
@@ -30,48 +32,76 @@ from .rcnn_head import FasterRCNNAuxHead
 AUX_HEAD_NAMES = ("atss", "rcnn")  # in the order K adds them
 
 
-@TRAINING_BRANCH_REGISTRY.register()
 class CoDETRBranch(nn.Module):
-    def __init__(self, cfg, level_strides):
+    """Every auxiliary head is called as head(maps, images, gt_instances) -> (losses, AuxPositives)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        adapter: Optional[MultiScaleAdapter],
+        heads: Dict[str, nn.Module],
+        query_embeds: Dict[str, PositiveQueryEmbedding],
+        lambda1: float = 1.0,
+        aux_scale: float = 2.0,
+        min_queries: int = 9,
+        max_queries: int = 300,
+        aux_loss: bool = True,
+    ):
+        """`heads` and `query_embeds`: per auxiliary head name, in AUX_HEAD_NAMES order; `aux_scale`
+        weights the heads' own losses (lambda2, times DEC_LAYERS in the official configs)."""
         super().__init__()
-        m = cfg.MODEL.HYBRID_DETR
-        co = m.CO_DETR
-        self.num_aux_heads = co.NUM_AUX_HEADS
-        if not 0 <= self.num_aux_heads <= len(AUX_HEAD_NAMES):
-            raise ValueError(
-                f"MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS must be 0 (none), 1 (ATSS) or 2 (ATSS + Faster R-CNN), "
-                f"got {self.num_aux_heads}"
-            )
-        self.lambda1 = co.LAMBDA1
-        self.aux_scale = co.LAMBDA2 * (m.DEC_LAYERS if co.SCALE_AUX_BY_DEC_LAYERS else 1)
-        self.min_queries, self.max_queries = co.MIN_POS_QUERIES, co.MAX_POS_QUERIES
-        self.aux_loss = m.AUX_LOSS
-        self.head_names = AUX_HEAD_NAMES[: self.num_aux_heads]
+        self.head_names = tuple(heads)
+        self.num_aux_heads = len(self.head_names)
+        self.lambda1 = lambda1
+        self.aux_scale = aux_scale
+        self.min_queries, self.max_queries = min_queries, max_queries
+        self.aux_loss = aux_loss
         if self.num_aux_heads == 0:
             return
-        self.adapter = MultiScaleAdapter(m.HIDDEN_DIM, level_strides)
-        heads = {
+        self.adapter = adapter
+        self.heads = nn.ModuleDict(heads)
+        self.query_embeds = nn.ModuleDict(query_embeds)
+
+    @classmethod
+    def from_config(cls, cfg, level_strides):
+        m = cfg.MODEL.HYBRID_DETR
+        co = m.CO_DETR
+        if not 0 <= co.NUM_AUX_HEADS <= len(AUX_HEAD_NAMES):
+            raise ValueError(
+                f"MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS must be 0 (none), 1 (ATSS) or 2 (ATSS + Faster R-CNN), "
+                f"got {co.NUM_AUX_HEADS}"
+            )
+        names = AUX_HEAD_NAMES[: co.NUM_AUX_HEADS]
+        adapter = MultiScaleAdapter(m.HIDDEN_DIM, level_strides) if names else None
+        builders = {
             "atss": lambda: ATSSHead(
-                m.HIDDEN_DIM, m.NUM_CLASSES, self.adapter.strides, co.ATSS_ANCHOR_SCALE, co.ATSS_TOPK,
+                m.HIDDEN_DIM, m.NUM_CLASSES, adapter.strides, co.ATSS_ANCHOR_SCALE, co.ATSS_TOPK,
                 co.ATSS_STACKED_CONVS, m.FOCAL_ALPHA, m.FOCAL_GAMMA,
             ),
-            "rcnn": lambda: FasterRCNNAuxHead(cfg, m.HIDDEN_DIM, self.adapter.strides),
+            "rcnn": lambda: FasterRCNNAuxHead(cfg, m.HIDDEN_DIM, adapter.strides),
         }
-        self.heads = nn.ModuleDict({name: heads[name]() for name in self.head_names})
-        self.query_embeds = nn.ModuleDict({name: PositiveQueryEmbedding(m.HIDDEN_DIM) for name in self.head_names})
+        heads = {name: builders[name]() for name in names}
+        return {
+            "adapter": adapter,
+            "heads": heads,
+            "query_embeds": {name: PositiveQueryEmbedding(m.HIDDEN_DIM) for name in names},
+            "lambda1": co.LAMBDA1,
+            "aux_scale": co.LAMBDA2 * (m.DEC_LAYERS if co.SCALE_AUX_BY_DEC_LAYERS else 1),
+            "min_queries": co.MIN_POS_QUERIES,
+            "max_queries": co.MAX_POS_QUERIES,
+            "aux_loss": m.AUX_LOSS,
+        }
 
     def forward(self, inputs: BranchInputs) -> Dict[str, torch.Tensor]:
         if self.num_aux_heads == 0:
             return {}
         maps = self.adapter(inputs.memory)
         n = len(maps[0])
-        image_sizes = torch.as_tensor(inputs.images.image_sizes, device=maps[0].device)  # (N, 2) h, w
+        image_sizes = image_sizes_tensor(inputs.images, maps[0].device)
         losses, packed = {}, []
         for name, head in self.heads.items():  # K <= 2 heads
-            if name == "atss":
-                head_losses, positives = head(maps, flatten_levels(maps), image_sizes, inputs.gt_instances)
-            else:
-                head_losses, positives = head(maps, inputs.images, inputs.gt_instances)
+            head_losses, positives = head(maps, inputs.images, inputs.gt_instances)
             losses.update({f"co_{name}_{k}": v * self.aux_scale for k, v in head_losses.items()})
             packed.append(pack_positives(positives, n, image_sizes, self.min_queries, self.max_queries))
 
@@ -83,7 +113,7 @@ class CoDETRBranch(nn.Module):
 
         criterion = inputs.criterion
         for name, p, output in zip(self.head_names, packed, outputs):
-            normalizer = average_across_workers(
+            normalizer = mean_across_workers(
                 torch.tensor(float(len(p.assignment)), device=maps[0].device)
             ).clamp(min=1.0).item()
             query_losses = criterion.decoder_losses(
@@ -97,3 +127,6 @@ class CoDETRBranch(nn.Module):
             )
             losses.update({k: v * self.lambda1 for k, v in query_losses.items()})
         return losses
+
+
+register_decoder_mode("co_detr", training_branch=CoDETRBranch)

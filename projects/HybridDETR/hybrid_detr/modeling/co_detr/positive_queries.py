@@ -19,6 +19,10 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
+from detectron2.structures import ImageList
+
+from ..box_ops import sort_within_groups
+from ..criterion import ClassLoss
 from ..matcher import Assignment
 from ..position_encoding import box_sine_embedding
 from ..transformer import DecoderOutput, QueryGroup
@@ -36,6 +40,11 @@ class AuxPositives:
     gt_index: torch.Tensor  # (P,) int64, index into that image's targets
     score: torch.Tensor  # (P,) priority when an image has more than MAX positives (IoU with its gt)
     features: torch.Tensor  # (P, C) content feature of each positive
+
+
+def image_sizes_tensor(images: ImageList, device) -> torch.Tensor:
+    """(N, 2) (h, w) of the unpadded images of a padded batch."""
+    return torch.as_tensor(images.image_sizes, device=device).view(-1, 2)
 
 
 @dataclass
@@ -64,11 +73,9 @@ def pack_positives(
     device = positives.boxes.device
     counts = torch.bincount(positives.batch_index, minlength=num_images)
     m = int(counts.max().clamp(min=min_queries, max=max_queries))
-    # Sort by image, then by descending score within an image (two stable sorts).
-    order = positives.score.argsort(descending=True, stable=True)
-    order = order[positives.batch_index[order].argsort(stable=True)]
+    # By image, then by descending score within an image.
+    order, rank = sort_within_groups(positives.score, positives.batch_index)
     batch = positives.batch_index[order]
-    rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts)[batch]
     keep = rank < m
     order, batch, rank = order[keep], batch[keep], rank[keep]
 
@@ -142,6 +149,6 @@ def padded_focal_loss(alpha: float, gamma: float, padding_mask: torch.Tensor):
 
     def loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer):
         focal = sigmoid_focal_loss(logits, onehot, alpha, gamma, reduction="none")
-        return (focal * (~padding_mask)[..., None]).sum() / normalizer
+        return ClassLoss((focal * (~padding_mask)[..., None]).sum() / normalizer)
 
     return loss

@@ -1,6 +1,6 @@
 """Training cost of several decoder modes side by side, in one run.
 
-    python3 -m hybrid_detr.engine.mode_benchmark --config-file CONFIG --modes deformable dac smca co_detr \
+    python3 tools/compare_step_cost.py --config-file CONFIG --modes deformable dac smca co_detr \
         [--iters 20] [--warmup 3] [--device cpu|cuda] [--output result.json] [KEY VALUE ...]
 
 A mode may carry its own config overrides after "@", as KEY=VALUE pairs joined by "@", so that
@@ -26,22 +26,27 @@ Reported per mode, and as a ratio to the first mode:
 import argparse
 import json
 import logging
+import os
 import statistics
+import sys
 import time
 from typing import Dict, List
 
-import torch
-from detectron2.data import build_detection_train_loader
-from detectron2.modeling import build_model
-from detectron2.utils.logger import setup_logger
+# Run from a checkout without installing: the package lives in projects/HybridDETR.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR"))
 
-from ..data import DetrDatasetMapper, ensure_synthetic_dataset
-from ..config import load_config
-from .optimizer import build_optimizer
+import torch  # noqa: E402
+from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from hybrid_detr.config import load_config, merge_overrides  # noqa: E402
+from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
+from hybrid_detr.engine import build_optimizer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SavedTensorMeter", "build_mode_models", "benchmark_modes", "format_mode_benchmark", "main"]
+__all__ = ["SavedTensorMeter", "build_mode_models", "compare_step_cost", "format_step_cost", "main"]
 
 MIB = 1024.0**2
 
@@ -94,7 +99,7 @@ def mode_config(cfg, spec: str):
         opts += [key, value]
     mode_cfg = cfg.clone()
     mode_cfg.defrost()
-    mode_cfg.merge_from_list(opts)
+    merge_overrides(mode_cfg, opts)
     mode_cfg.freeze()
     return mode_cfg
 
@@ -140,7 +145,7 @@ def training_batches(cfg, count: int):
     return batches
 
 
-def benchmark_modes(cfg, modes: List[str], iters: int = 20, warmup: int = 3, seed: int = 0, batches=None):
+def compare_step_cost(cfg, modes: List[str], iters: int = 20, warmup: int = 3, seed: int = 0, batches=None):
     """Interleaved training steps of every mode on the same batches; a dict of per-mode results
     (see the module docstring), the first mode being the reference of the ratios."""
     if len(set(modes)) != len(modes) or not modes:
@@ -214,7 +219,7 @@ def benchmark_modes(cfg, modes: List[str], iters: int = 20, warmup: int = 3, see
     return result
 
 
-def format_mode_benchmark(result) -> str:
+def format_step_cost(result) -> str:
     cuda = result["device"].startswith("cuda")
     width = max(14, 2 + max(len(mode) for mode in result["modes"]))
     header = f"{'mode':<{width}}{'step ms (median)':>18}{'ratio':>8}{'mean ms':>10}{'saved-for-bwd MiB':>19}{'ratio':>8}"
@@ -253,9 +258,9 @@ def main(argv=None):
         opts += ["MODEL.DEVICE", args.device]
     cfg = load_config(args.config_file, opts)
     cfg.freeze()
-    result = benchmark_modes(cfg, args.modes, iters=args.iters, warmup=args.warmup, seed=args.seed)
+    result = compare_step_cost(cfg, args.modes, iters=args.iters, warmup=args.warmup, seed=args.seed)
     result["config_file"] = args.config_file
-    print(format_mode_benchmark(result))
+    print(format_step_cost(result))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)

@@ -128,9 +128,9 @@ def test_padding_queries_get_no_loss():
     onehot = torch.zeros(1, 4, 3)
     onehot[0, 0, 1] = 1
     loss = padded_focal_loss(0.25, 2.0, padding)
-    reference = loss(logits, onehot, None, None, None, 1.0)
+    reference = loss(logits, onehot, None, None, None, 1.0).value
     logits[0, 2:] = torch.randn(2, 3) * 10
-    assert loss(logits, onehot, None, None, None, 1.0).item() == pytest.approx(reference.item())
+    assert loss(logits, onehot, None, None, None, 1.0).value.item() == pytest.approx(reference.item())
 
 
 def test_group_masks_keep_groups_apart_in_the_decoder():
@@ -212,7 +212,7 @@ def test_training_step_with_k_aux_heads(num_aux_heads):
     model.zero_grad(set_to_none=True)
     sum(v for k, v in losses.items() if "_query_" in k).backward()
     assert encoder_grad_norm(model) > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.branches["CoDETRBranch"].query_embeds.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.branches["co_detr"].query_embeds.parameters())
 
 
 def test_a_batch_without_objects_still_trains_the_aux_classifiers():
@@ -239,13 +239,13 @@ def test_inference_is_the_query_head_alone():
     co = co_detr_model(2).eval()
     missing, unexpected = co.load_state_dict(baseline.state_dict(), strict=False)
     assert not unexpected
-    assert missing and all(k.startswith("branches.CoDETRBranch.") for k in missing), missing
+    assert missing and all(k.startswith("branches.co_detr.") for k in missing), missing
     assert any(".heads.rcnn." in k for k in missing) and any(".adapter." in k for k in missing)
 
     def never(*args, **kwargs):
         raise AssertionError("a training branch ran at inference")
 
-    co.branches["CoDETRBranch"].forward = never
+    co.branches["co_detr"].forward = never
     batch = synthetic_batch()
     with torch.no_grad():
         expected, got = baseline(batch), co(batch)

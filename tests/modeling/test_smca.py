@@ -5,13 +5,12 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from hybrid_detr.modeling import TRAINING_BRANCH_REGISTRY
 from hybrid_detr.modeling.smca import (
     DeformableSMCACrossAttention,
     SMCACrossAttention,
     gaussian_log_prior,
 )
-from hybrid_detr.modeling.transformer import EncoderMemory
+from hybrid_detr.modeling.token_layout import EncoderMemory, LevelLayout
 from model_helpers import synthetic_batch, tiny_cfg
 
 # Two levels; image 1 of the batch is padded (valid 4 x 5 of 6 x 8, and 2 x 3 of 3 x 4).
@@ -30,11 +29,9 @@ def make_memory(d_model, seed=0):
             mask[i, :vh, :vw] = False
         masks.append(mask.flatten(1))
         ratios.append(torch.tensor([[VALID[i][level][1] / w, VALID[i][level][0] / h] for i in range(n)]))
-    spatial_shapes = torch.tensor(SHAPES, dtype=torch.int64)
     return EncoderMemory(
         memory=torch.randn(n, s, d_model, generator=g),
-        spatial_shapes=spatial_shapes,
-        level_start_index=torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]]),
+        layout=LevelLayout.of_shapes(SHAPES),
         valid_ratios=torch.stack(ratios, 1),
         padding_mask=torch.cat(masks, 1),
         position=torch.randn(n, s, d_model, generator=g),
@@ -98,8 +95,7 @@ def _single_level_memory(h, w, d_model):
     feats = feats.repeat(1, 1, d_model // 4)
     return EncoderMemory(
         memory=feats,
-        spatial_shapes=torch.tensor([[h, w]]),
-        level_start_index=torch.tensor([0]),
+        layout=LevelLayout.of_shapes([(h, w)]),
         valid_ratios=torch.ones(1, 1, 2),
         padding_mask=torch.zeros(1, h * w, dtype=torch.bool),
         position=torch.zeros_like(feats),
@@ -257,8 +253,6 @@ def test_smca_with_box_refinement_and_two_stage():
 
 @pytest.mark.parametrize("deformable", [False, True])
 def test_smca_with_dac(deformable):
-    if "DACBranch" not in TRAINING_BRANCH_REGISTRY:
-        pytest.skip("the DAC branch is not in this version")
     cfg = tiny_cfg(DECODER_MODE="smca+dac")
     cfg.MODEL.HYBRID_DETR.SMCA.DEFORMABLE = deformable
     _, losses = _train_and_infer(cfg)
@@ -277,11 +271,12 @@ def test_flop_handle_counts_the_dense_attention():
             super().__init__()
             self.attention = SMCACrossAttention(32, 4, [0, 1], unit_level=1).eval()
 
-        def forward(self, query, reference, *fields):
-            return self.attention(query, None, EncoderMemory(*fields), reference)
+        def forward(self, query, reference, tokens, valid_ratios, padding_mask, position):
+            return self.attention(
+                query, None, EncoderMemory(tokens, memory.layout, valid_ratios, padding_mask, position), reference
+            )
 
-    fields = (memory.memory, memory.spatial_shapes, memory.level_start_index, memory.valid_ratios)
-    fields += (memory.padding_mask, memory.position)
+    fields = (memory.memory, memory.valid_ratios, memory.padding_mask, memory.position)
     inputs = (torch.randn(2, 7, 32), torch.rand(2, 7, 2)) + fields
     analysis = FlopCountAnalysis(Wrapper(), inputs).set_op_handle(**flop_count_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

@@ -1,0 +1,54 @@
+"""Align-DETR's IoU-aware BCE, the classification loss of the official DAC-DETR release."""
+import torch
+import torch.nn.functional as F
+
+from ..box_ops import batched_box_iou, rank_within_groups
+from ..criterion import ClassLoss, DetectionCriterion
+from ..matcher import Assignment
+
+__all__ = ["IoUAwareBCELoss"]
+
+
+class IoUAwareBCELoss:
+    """Align-DETR's IoU-aware BCE, as the official DAC-DETR release trains its C-branch.
+
+    For each assigned (query, gt) pair with predicted probability p of the gt class and IoU u of
+    its box, the target is t = p^alpha * u^(1 - alpha) (detached, at least 0.01) times the rank
+    weight exp(-r / tau), r the pair's rank by t among the pairs of the same gt. The loss is
+    -t log p - (1 - t) log(1 - p) on those (query, class) entries and -p^gamma log(1 - p)
+    everywhere else, summed and divided by the normaliser. The official code also weights each
+    pair's L1 and GIoU losses by its rank weight: returned as `ClassLoss.pair_weight`, which
+    `DetectionCriterion` applies to the box losses.
+
+    `targets` (the branch's per-image targets) gives the class of each pair.
+    """
+
+    def __init__(self, targets, alpha=0.25, gamma=2.0, tau=1.5):
+        self.targets = targets
+        self.alpha = alpha
+        self.gamma = gamma
+        self.tau = tau
+
+    def __call__(self, logits, onehot, assignment: Assignment, pred_boxes, gt_boxes, normalizer):
+        gt_labels, _ = DetectionCriterion.matched_targets(self.targets, assignment)
+        prob = logits.sigmoid()
+        n, q, k = logits.shape
+        flat = (assignment.batch_index * q + assignment.query_index) * k + gt_labels
+        with torch.no_grad():
+            iou = batched_box_iou(pred_boxes[:, None].float(), gt_boxes[:, None].float())[:, 0, 0]
+            quality = (prob.flatten()[flat].float() ** self.alpha * iou ** (1 - self.alpha)).clamp(min=0.01)
+            offsets = torch.tensor([0] + [len(t["labels"]) for t in self.targets], device=flat.device).cumsum(0)
+            rank = rank_within_groups(quality, offsets[assignment.batch_index] + assignment.gt_index)
+            rank_weight = torch.exp(-rank.float() / self.tau)
+            # A (query, class) entry assigned twice keeps its larger target.
+            target = torch.zeros(n * q * k, device=logits.device).scatter_reduce(
+                0, flat, quality * rank_weight, "amax", include_self=True
+            )
+            positive = torch.zeros(n * q * k, dtype=torch.bool, device=logits.device)
+            positive[flat] = True
+        target = target.view_as(logits).to(logits.dtype)
+        positive = positive.view_as(logits)
+        negative_weight = torch.where(positive, 1 - target, prob**self.gamma)
+        positive_weight = torch.where(positive, target, torch.zeros_like(target))
+        loss = -positive_weight * F.logsigmoid(logits) - negative_weight * F.logsigmoid(-logits)
+        return ClassLoss(loss.sum() / normalizer, rank_weight.to(pred_boxes.dtype))
