@@ -80,9 +80,7 @@ class HybridDETR(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         images, padding_mask = self.preprocess_image(batched_inputs)
-        memory = self.encode(images.tensor, padding_mask)
-        queries, encoder_predictions = self.query_source(memory)
-        one_to_one = self.decoder(queries, memory)
+        memory, queries, encoder_predictions, one_to_one = self.transformer(*self.features(images.tensor, padding_mask))
         if not self.training:
             return self.inference(one_to_one, images.image_sizes, batched_inputs)
 
@@ -114,9 +112,13 @@ class HybridDETR(nn.Module):
             mask[:img_h, :img_w] = False
         return images, padding_mask
 
-    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> EncoderMemory:
+    def features(self, images: torch.Tensor, padding_mask: torch.Tensor):
+        """Backbone + neck: per-level maps, padding masks and position embeddings, finest first."""
         features = self.backbone(images)
-        maps, masks, positions = self.neck([features[f] for f in self.in_features], padding_mask)
+        return self.neck([features[f] for f in self.in_features], padding_mask)
+
+    def encode_levels(self, maps, masks, positions) -> EncoderMemory:
+        """The deformable encoder over the neck's levels, laid out as one token sequence."""
         layout = LevelLayout.of_maps(maps)
         ratios = valid_ratios(masks)
         src = layout.flatten(maps)
@@ -124,6 +126,16 @@ class HybridDETR(nn.Module):
         flat_mask = layout.flatten(masks)
         memory = self.encoder(src, pos, layout, ratios, flat_mask)
         return EncoderMemory(memory, layout, ratios, flat_mask, pos)
+
+    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> EncoderMemory:
+        return self.encode_levels(*self.features(images, padding_mask))
+
+    def transformer(self, maps, masks, positions):
+        """Encoder, query selection and the one-to-one decoder pass: (memory, queries, encoder
+        predictions or None, decoder output). No host synchronisation: it compiles as one graph."""
+        memory = self.encode_levels(maps, masks, positions)
+        queries, encoder_predictions = self.query_source(memory)
+        return memory, queries, encoder_predictions, self.decoder(queries, memory)
 
     def inference(self, outputs: DecoderOutput, image_sizes, batched_inputs):
         """Top-k (query, class) pairs of the last layer -> Instances in original image coordinates."""

@@ -3,12 +3,12 @@ called without self-attention, fed the one-to-one queries and trained one-to-man
 import dataclasses
 
 from detectron2.config import configurable
+from torch import nn
 
 from ..modes import BranchInputs, register_decoder_mode
 from ..transformer import QueryGroup
 from .loss import IoUAwareBCELoss
 from .matcher import DACMatcher
-from torch import nn
 
 __all__ = ["DACBranch"]
 

@@ -9,13 +9,12 @@ over queries or heads. Its memory cost is in MODEL_ZOO.md ("SMCA memory").
 """
 from typing import List, Sequence
 
-import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
 from ..token_layout import EncoderMemory
-from .prior import GaussianPrior, distance_unit_level, unit_cells
+from .prior import GaussianPrior, prior_config, unit_cells
 
 __all__ = ["SMCACrossAttention", "smca_levels"]
 
@@ -75,10 +74,8 @@ class SMCACrossAttention(nn.Module):
             "d_model": m.HIDDEN_DIM,
             "n_heads": m.NHEADS,
             "levels": smca_levels(m.SMCA.LEVELS, m.NUM_FEATURE_LEVELS),
-            "beta": m.SMCA.BETA,
-            "per_head": m.SMCA.PER_HEAD,
             "dropout": m.DROPOUT,
-            "unit_level": distance_unit_level(m.IN_FEATURES),
+            **prior_config(cfg),
         }
 
     def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...layers import MSDeformAttn
 from ..token_layout import EncoderMemory
-from .prior import GaussianPrior, distance_unit_level, unit_cells
+from .prior import GaussianPrior, prior_config, unit_cells
 
 __all__ = ["DeformableSMCACrossAttention", "GaussianModulatedMSDeformAttn"]
 
@@ -60,9 +60,7 @@ class DeformableSMCACrossAttention(nn.Module):
             "n_levels": m.NUM_FEATURE_LEVELS,
             "n_heads": m.NHEADS,
             "n_points": m.DEC_N_POINTS,
-            "beta": m.SMCA.BETA,
-            "per_head": m.SMCA.PER_HEAD,
-            "unit_level": distance_unit_level(m.IN_FEATURES),
+            **prior_config(cfg),
         }
 
     def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..token_layout import EncoderMemory
 
-__all__ = ["GaussianPrior", "gaussian_log_prior", "distance_unit_level", "unit_cells"]
+__all__ = ["GaussianPrior", "gaussian_log_prior", "distance_unit_level", "unit_cells", "prior_config"]
 
 
 def gaussian_log_prior(delta: torch.Tensor, inverse_scale: torch.Tensor, beta: float) -> torch.Tensor:
@@ -31,6 +31,12 @@ def distance_unit_level(in_features: Sequence[str]) -> int:
     """Index of the level whose cells measure SMCA's distances: the stride-32 level (res5)."""
     in_features = list(in_features)
     return in_features.index("res5") if "res5" in in_features else len(in_features) - 1
+
+
+def prior_config(cfg) -> dict:
+    """The prior's constructor arguments from the config (shared by both SMCA cross-attentions)."""
+    m = cfg.MODEL.HYBRID_DETR
+    return {"beta": m.SMCA.BETA, "per_head": m.SMCA.PER_HEAD, "unit_level": distance_unit_level(m.IN_FEATURES)}
 
 
 def unit_cells(memory: EncoderMemory, unit_level: int) -> torch.Tensor:

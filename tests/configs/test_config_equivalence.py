@@ -1,0 +1,44 @@
+"""Each mode's config is its baseline config plus the mode: a comparison of the two measures the
+paper's idea and nothing else. Only the keys named here may differ."""
+import os
+
+import pytest
+
+from hybrid_detr.config import load_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+MODE = "MODEL.HYBRID_DETR.DECODER_MODE"
+PLUS_PLUS = {"MODEL.HYBRID_DETR.TWO_STAGE": True, "MODEL.HYBRID_DETR.WITH_BOX_REFINE": True}
+
+
+def _flatten(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "config, baseline, expected",
+    [
+        ("quickstart/dac_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dac"}),
+        ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "smca"}),
+        ("quickstart/co_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "co_detr"}),
+        # the papers' "Deformable-DETR" rows are two-stage + box refinement ("++")
+        ("coco/dac_deformable_detr_r50_12ep.yaml", "coco/deformable_detr_r50_12ep.yaml", {MODE: "dac", **PLUS_PLUS}),
+        (
+            "coco/co_deformable_detr_r50_12ep.yaml",
+            "coco/deformable_detr_r50_12ep.yaml",
+            {MODE: "co_detr", **PLUS_PLUS, "MODEL.HYBRID_DETR.DIM_FEEDFORWARD": 2048, "MODEL.HYBRID_DETR.DROPOUT": 0.0},
+        ),
+        ("coco/smca_deformable_detr_r50_50ep.yaml", "coco/deformable_detr_r50_50ep.yaml", {MODE: "smca"}),
+    ],
+)
+def test_mode_config_is_its_baseline_plus_the_mode(config, baseline, expected):
+    mode_keys = _flatten(load_config(os.path.join(CONFIGS, config)))
+    base_keys = _flatten(load_config(os.path.join(CONFIGS, baseline)))
+    differ = {k: mode_keys[k] for k in mode_keys if mode_keys[k] != base_keys[k] and k != "OUTPUT_DIR"}
+    assert differ == expected
