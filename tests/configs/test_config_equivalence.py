@@ -28,7 +28,12 @@ def _flatten(node, prefix=""):
         ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "smca"}),
         ("quickstart/co_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "co_detr"}),
         # the papers' "Deformable-DETR" rows are two-stage + box refinement ("++")
-        ("coco/dac_deformable_detr_r50_12ep.yaml", "coco/deformable_detr_r50_12ep.yaml", {MODE: "dac", **PLUS_PLUS}),
+        ("coco/dac_deformable_detr_r50_12ep.yaml", "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml", {MODE: "dac"}),
+        (
+            "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml",
+            "coco/deformable_detr_r50_12ep.yaml",
+            {**PLUS_PLUS, "MODEL.HYBRID_DETR.DIM_FEEDFORWARD": 2048},
+        ),
         (
             "coco/co_deformable_detr_r50_12ep.yaml",
             "coco/deformable_detr_r50_12ep.yaml",

@@ -1,5 +1,6 @@
 """The detection loss shared by every branch: focal classification + L1 + GIoU on the pairs an
 `Assignment` names. Which pairs, and how they are normalised, is the branch's business."""
+from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -25,6 +26,14 @@ class ClassLoss(NamedTuple):
 # (logits (N, Q, K), one-hot targets (N, Q, K), assignment, matched predicted boxes (P, 4),
 #  matched gt boxes (P, 4), normaliser) -> ClassLoss
 ClassificationLoss = Callable[..., ClassLoss]
+
+
+@dataclass(frozen=True)
+class ClassificationLossSpec:
+    """A classification loss in place of the criterion's focal loss, with its own weight."""
+
+    build: Callable[[List[Dict[str, torch.Tensor]]], ClassificationLoss]  # a step's targets -> the loss
+    weight: float
 
 
 def mean_across_workers(value: torch.Tensor) -> torch.Tensor:
@@ -64,8 +73,10 @@ class DetectionCriterion(nn.Module):
         assignment: Assignment,
         normalizer: float,
         classification_loss: Optional[ClassificationLoss] = None,
+        class_weight: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Weighted losses {loss_class, loss_bbox, loss_giou} of one prediction set."""
+        """Weighted losses {loss_class, loss_bbox, loss_giou} of one prediction set; the
+        classification loss is focal unless given, weighted by `class_weight` or CLASS_WEIGHT."""
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[-1]} classes, the criterion expects {self.num_classes}")
         gt_labels, gt_boxes = self.matched_targets(targets, assignment)
@@ -82,7 +93,7 @@ class DetectionCriterion(nn.Module):
         if pair_weight is not None:
             l1, giou = l1 * pair_weight, giou * pair_weight
         return {
-            "loss_class": self.class_weight * loss_class,
+            "loss_class": (self.class_weight if class_weight is None else class_weight) * loss_class,
             "loss_bbox": self.l1_weight * l1.sum() / normalizer,
             "loss_giou": self.giou_weight * giou.sum() / normalizer,
         }
@@ -105,6 +116,7 @@ class DetectionCriterion(nn.Module):
         prefix: str = "",
         aux_loss: bool = True,
         classification_loss: Optional[ClassificationLoss] = None,
+        class_weight: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
         """Losses of every decoder layer (the last only without `aux_loss`).
 
@@ -117,6 +129,7 @@ class DetectionCriterion(nn.Module):
             logits, boxes = outputs.layer(layer)
             assignment = assign(layer, logits, boxes)
             suffix = "" if layer == last else f"_{layer}"
-            for name, value in self(logits, boxes, targets, assignment, normalizer, classification_loss).items():
+            layer_losses = self(logits, boxes, targets, assignment, normalizer, classification_loss, class_weight)
+            for name, value in layer_losses.items():
                 losses[f"{prefix}{name}{suffix}"] = value
         return losses

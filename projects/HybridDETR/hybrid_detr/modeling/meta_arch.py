@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 from torch import nn
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -44,6 +44,8 @@ class HybridDETR(nn.Module):
         self.num_classes = m.NUM_CLASSES
         self.aux_loss = m.AUX_LOSS
         self.detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.nms_thresh_test = m.NMS_THRESH_TEST
+        self.nms_pre_topk_test = m.NMS_PRE_TOPK_TEST
 
         self.backbone = build_backbone(cfg)
         self.in_features = list(m.IN_FEATURES)
@@ -70,6 +72,7 @@ class HybridDETR(nn.Module):
             m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT
         )
         self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))
+        self.one_to_one_classification = self.mode.build_one_to_one_classification(cfg)
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
@@ -87,9 +90,12 @@ class HybridDETR(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = normalized_targets(gt_instances, images.image_sizes)
         num_boxes = num_boxes_across_workers(targets, self.device)
+        classification = self.one_to_one_classification
         losses = self.criterion.decoder_losses(
             one_to_one, targets, lambda _, logits, boxes: self.matcher(logits, boxes, targets), num_boxes,
             aux_loss=self.aux_loss,
+            classification_loss=classification.build(targets) if classification else None,
+            class_weight=classification.weight if classification else None,
         )
         if encoder_predictions is not None:
             logits, boxes = encoder_predictions
@@ -138,20 +144,30 @@ class HybridDETR(nn.Module):
         return memory, queries, encoder_predictions, self.decoder(queries, memory)
 
     def inference(self, outputs: DecoderOutput, image_sizes, batched_inputs):
-        """Top-k (query, class) pairs of the last layer -> Instances in original image coordinates."""
+        """Top-k (query, class) pairs of the last layer -> Instances in original image coordinates.
+
+        With NMS_THRESH_TEST > 0 (DAC-DETR's release evaluation): the NMS_PRE_TOPK_TEST best pairs,
+        class-wise NMS at that IoU, then the best DETECTIONS_PER_IMAGE."""
         logits, boxes = outputs.layer(-1)
         n, q, k = logits.shape
-        scores, flat_index = logits.sigmoid().flatten(1).topk(min(self.detections_per_image, q * k), dim=1)
+        nms = self.nms_thresh_test > 0
+        keep = self.nms_pre_topk_test if nms else self.detections_per_image
+        scores, flat_index = logits.sigmoid().flatten(1).topk(min(keep, q * k), dim=1)
         query_index = torch.div(flat_index, k, rounding_mode="floor")
         labels = flat_index % k
         boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
         results = []
         for i, (h, w) in enumerate(image_sizes):
             xyxy = box_convert(boxes[i], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=boxes.device)
+            image_scores, image_labels = scores[i], labels[i]
+            if nms:
+                kept = batched_nms(xyxy.float(), image_scores.float(), image_labels, self.nms_thresh_test)
+                kept = kept[: self.detections_per_image]
+                xyxy, image_scores, image_labels = xyxy[kept], image_scores[kept], image_labels[kept]
             instances = Instances((h, w))
             instances.pred_boxes = Boxes(xyxy)
-            instances.scores = scores[i]
-            instances.pred_classes = labels[i]
+            instances.scores = image_scores
+            instances.pred_classes = image_labels
             height = batched_inputs[i].get("height", h)
             width = batched_inputs[i].get("width", w)
             results.append({"instances": detector_postprocess(instances, height, width)})

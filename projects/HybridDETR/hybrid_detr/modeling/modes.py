@@ -1,10 +1,12 @@
 """Decoder modes: the contract every mode plugs into, and their composition.
 
-A mode contributes one or both of
+A mode contributes one or more of
 - a decoder **cross-attention** (built per decoder layer by `cross_attention(cfg)`, called as
   `module(query, reference_points, memory, query_reference)`, see `CROSS_ATTENTION_SIGNATURE`);
 - a **training branch** (built once by `training_branch(cfg, level_strides=...)`, called as
-  `module(inputs: BranchInputs) -> dict of losses`, never at inference).
+  `module(inputs: BranchInputs) -> dict of losses`, never at inference);
+- the **one-to-one classification loss** (`one_to_one_classification(cfg)` -> a
+  `ClassificationLossSpec`, or None to keep the criterion's focal loss).
 Each mode registers itself where it is defined, with `register_decoder_mode`: the baseline in
 `deformable.py`, the papers in their packages (`dac/`, `smca/`, `co_detr/`).
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from detectron2.structures import ImageList, Instances
 
-from .criterion import DetectionCriterion
+from .criterion import ClassificationLossSpec, DetectionCriterion
 from .token_layout import EncoderMemory
 from .transformer import DecoderOutput, DeformableDecoder, QueryGroup
 
@@ -56,6 +58,7 @@ class BranchInputs:
 class _ModeParts:
     cross_attention: Optional[Callable[..., nn.Module]]
     training_branch: Optional[Callable[..., nn.Module]]
+    one_to_one_classification: Optional[Callable[..., Optional[ClassificationLossSpec]]] = None
 
 
 DECODER_MODES: Dict[str, _ModeParts] = {}
@@ -68,14 +71,16 @@ def register_decoder_mode(
     *,
     cross_attention: Optional[Callable[..., nn.Module]] = None,
     training_branch: Optional[Callable[..., nn.Module]] = None,
+    one_to_one_classification: Optional[Callable[..., Optional[ClassificationLossSpec]]] = None,
 ) -> None:
     """Makes `name` a DECODER_MODE. `cross_attention(cfg)` builds one decoder layer's
-    cross-attention; `training_branch(cfg, level_strides=...)` builds the mode's training branch."""
-    if cross_attention is None and training_branch is None:
-        raise ValueError(f"decoder mode {name!r} brings neither a cross-attention nor a training branch")
+    cross-attention; `training_branch(cfg, level_strides=...)` builds the mode's training branch;
+    `one_to_one_classification(cfg)` gives the one-to-one queries' classification loss (or None)."""
+    if cross_attention is None and training_branch is None and one_to_one_classification is None:
+        raise ValueError(f"decoder mode {name!r} brings nothing")
     if "+" in name or name in DECODER_MODES:
         raise ValueError(f"decoder mode {name!r} is registered twice or contains '+'")
-    DECODER_MODES[name] = _ModeParts(cross_attention, training_branch)
+    DECODER_MODES[name] = _ModeParts(cross_attention, training_branch, one_to_one_classification)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,18 @@ class DecoderMode:
 
     def build_branches(self, cfg, level_strides) -> Dict[str, nn.Module]:
         return {name: DECODER_MODES[name].training_branch(cfg, level_strides=level_strides) for name in self.branches}
+
+    def build_one_to_one_classification(self, cfg) -> Optional[ClassificationLossSpec]:
+        """The one classification loss a mode asks for the one-to-one queries (None: focal)."""
+        specs = {}
+        for name in self.names:
+            make = DECODER_MODES[name].one_to_one_classification
+            spec = make(cfg) if make is not None else None
+            if spec is not None:
+                specs[name] = spec
+        if len(specs) > 1:
+            raise ValueError(f"DECODER_MODE modes {sorted(specs)} each replace the one-to-one classification loss")
+        return next(iter(specs.values()), None)
 
 
 def parse_decoder_mode(spec: str) -> DecoderMode:

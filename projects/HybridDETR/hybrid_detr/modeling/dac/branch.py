@@ -1,13 +1,15 @@
 """DAC-DETR's training branch ("dac" in DECODER_MODE): the C-decoder, i.e. the shared decoder
 called without self-attention, fed the one-to-one queries and trained one-to-many."""
 import dataclasses
+from typing import Optional
 
 from detectron2.config import configurable
 from torch import nn
 
 from ..modes import BranchInputs, register_decoder_mode
 from ..transformer import QueryGroup
-from .loss import IoUAwareBCELoss
+from ..criterion import ClassificationLossSpec
+from .loss import iou_aware_bce_spec
 from .matcher import DACMatcher
 
 __all__ = ["DACBranch"]
@@ -31,19 +33,16 @@ class DACBranch(nn.Module):
         loss_norm_factor: float = 3.0,
         match_against_o_boxes: bool = False,
         c_input_from_o_self_attn: bool = False,
-        cls_loss: str = "focal",
-        focal_gamma: float = 2.0,
+        classification: Optional[ClassificationLossSpec] = None,
     ):
+        """`classification`: the C-branch's classification loss (None: the criterion's focal loss)."""
         super().__init__()
-        if cls_loss not in ("focal", "iou_aware_bce"):
-            raise ValueError(f"MODEL.HYBRID_DETR.DAC.CLS_LOSS must be 'focal' or 'iou_aware_bce', got {cls_loss!r}")
         self.matcher = matcher
         self.aux_loss = aux_loss
         self.loss_norm_factor = loss_norm_factor
         self.match_against_o_boxes = match_against_o_boxes
         self.c_input_from_o_self_attn = c_input_from_o_self_attn
-        self.cls_loss = cls_loss
-        self.focal_gamma = focal_gamma
+        self.classification = classification
 
     @classmethod
     def from_config(cls, cfg, level_strides=None):
@@ -62,8 +61,7 @@ class DACBranch(nn.Module):
             "loss_norm_factor": dac.LOSS_NORM_FACTOR,
             "match_against_o_boxes": dac.MATCH_AGAINST_O_BOXES,
             "c_input_from_o_self_attn": dac.C_INPUT_FROM_O_SELF_ATTN,
-            "cls_loss": dac.CLS_LOSS,
-            "focal_gamma": m.FOCAL_GAMMA,
+            "classification": iou_aware_bce_spec(cfg),
         }
 
     def c_queries(self, inputs: BranchInputs) -> QueryGroup:
@@ -83,9 +81,7 @@ class DACBranch(nn.Module):
         def assign(layer, logits, boxes):
             return self.matcher(logits, o_boxes[layer] if self.match_against_o_boxes else boxes, targets)
 
-        classification_loss = None
-        if self.cls_loss == "iou_aware_bce":
-            classification_loss = IoUAwareBCELoss(targets, gamma=self.focal_gamma)
+        classification = self.classification
         return inputs.criterion.decoder_losses(
             c_out,
             targets,
@@ -93,8 +89,10 @@ class DACBranch(nn.Module):
             inputs.num_boxes * self.loss_norm_factor,
             prefix="dac_",
             aux_loss=self.aux_loss,
-            classification_loss=classification_loss,
+            classification_loss=classification.build(targets) if classification else None,
+            class_weight=classification.weight if classification else None,
         )
 
 
-register_decoder_mode("dac", training_branch=DACBranch)
+# With CLS_LOSS "iou_aware_bce" the release trains the one-to-one (O) queries with that loss too.
+register_decoder_mode("dac", training_branch=DACBranch, one_to_one_classification=iou_aware_bce_spec)

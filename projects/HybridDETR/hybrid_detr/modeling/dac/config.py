@@ -20,10 +20,15 @@ def add_dac_config(cfg):
     dac.CAP_SAMPLING = "random"
     # C-branch losses are normalised by num_boxes * LOSS_NORM_FACTOR.
     dac.LOSS_NORM_FACTOR = 3.0
-    # Official-code variants: score the C-branch's classes against the O-branch's boxes, and feed
-    # the C-branch at layer 0 with the O-branch's layer-0 self-attention output.
-    dac.MATCH_AGAINST_O_BOXES = False
-    dac.C_INPUT_FROM_O_SELF_ATTN = False
-    # "focal", or "iou_aware_bce" (Align-DETR's loss, the paper's "*" rows; as in the official code its
-    # rank weights also weight the C-branch's L1 and GIoU losses).
+    # As the official code (models/onetomany.py, deformable_transformer.py): the C-branch's matching
+    # scores use the O-branch's boxes of the same layer, and the C-branch's layer-0 input is the
+    # O-branch's layer-0 self-attention output. False, False is the paper's text (Q_C^0 = Q, the
+    # C-branch's own boxes).
+    dac.MATCH_AGAINST_O_BOXES = True
+    dac.C_INPUT_FROM_O_SELF_ATTN = True
+    # "focal" (the paper's rows without "*"), or "iou_aware_bce": the release's setting, Align-DETR's
+    # IoU-aware BCE on both branches (O: one-to-one, rank weight 1; C: rank weights exp(-r / 1.5), which
+    # also weight the C-branch's L1 and GIoU losses), class-loss weight IOU_AWARE_BCE_WEIGHT; the
+    # two-stage encoder keeps its focal loss (weight CLASS_WEIGHT).
     dac.CLS_LOSS = "focal"
+    dac.IOU_AWARE_BCE_WEIGHT = 1.0

@@ -3,14 +3,14 @@ import torch
 import torch.nn.functional as F
 
 from ..box_ops import batched_box_iou, rank_within_groups
-from ..criterion import ClassLoss, DetectionCriterion
+from ..criterion import ClassificationLossSpec, ClassLoss, DetectionCriterion
 from ..matcher import Assignment
 
-__all__ = ["IoUAwareBCELoss"]
+__all__ = ["IoUAwareBCELoss", "iou_aware_bce_spec"]
 
 
 class IoUAwareBCELoss:
-    """Align-DETR's IoU-aware BCE, as the official DAC-DETR release trains its C-branch.
+    """Align-DETR's IoU-aware BCE, as the official DAC-DETR release trains both of its branches.
 
     For each assigned (query, gt) pair with predicted probability p of the gt class and IoU u of
     its box, the target is t = p^alpha * u^(1 - alpha) (detached, at least 0.01) times the rank
@@ -52,3 +52,15 @@ class IoUAwareBCELoss:
         positive_weight = torch.where(positive, target, torch.zeros_like(target))
         loss = -positive_weight * F.logsigmoid(logits) - negative_weight * F.logsigmoid(-logits)
         return ClassLoss(loss.sum() / normalizer, rank_weight.to(pred_boxes.dtype))
+
+
+def iou_aware_bce_spec(cfg):
+    """With DAC.CLS_LOSS "iou_aware_bce", the release's classification loss of both branches
+    (weight DAC.IOU_AWARE_BCE_WEIGHT, its cls_loss_coef 1); None with "focal"."""
+    m = cfg.MODEL.HYBRID_DETR
+    if m.DAC.CLS_LOSS == "focal":
+        return None
+    if m.DAC.CLS_LOSS != "iou_aware_bce":
+        raise ValueError(f"MODEL.HYBRID_DETR.DAC.CLS_LOSS must be 'focal' or 'iou_aware_bce', got {m.DAC.CLS_LOSS!r}")
+    gamma = m.FOCAL_GAMMA
+    return ClassificationLossSpec(lambda targets: IoUAwareBCELoss(targets, gamma=gamma), m.DAC.IOU_AWARE_BCE_WEIGHT)

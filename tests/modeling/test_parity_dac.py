@@ -1,0 +1,105 @@
+"""DAC-DETR defaults against the official release (huzhengdongcs/DAC-DETR)."""
+import pytest
+import torch
+from detectron2.modeling import build_model
+from torchvision.ops import box_iou
+
+from hybrid_detr.modeling.box_ops import normalized_targets
+from hybrid_detr.modeling.dac import IoUAwareBCELoss
+from hybrid_detr.modeling.matcher import Assignment
+from model_helpers import synthetic_batch, tiny_cfg
+
+
+def _dac_model(seed=0, **dac):
+    cfg = tiny_cfg(DECODER_MODE="dac", TWO_STAGE=True, WITH_BOX_REFINE=True)
+    for key, value in dac.items():
+        setattr(cfg.MODEL.HYBRID_DETR.DAC, key, value)
+    torch.manual_seed(seed)
+    return build_model(cfg).train()
+
+
+def test_defaults_follow_the_release():
+    """onetomany.py scores the C-branch against `pred_boxes` (the O-branch's); the C-decoder's layer 0
+    takes the O-branch's self-attention output (deformable_transformer.py)."""
+    dac = tiny_cfg().MODEL.HYBRID_DETR.DAC
+    assert dac.MATCH_AGAINST_O_BOXES and dac.C_INPUT_FROM_O_SELF_ATTN
+    assert (dac.MATCH_IOU_WEIGHT, dac.MATCH_CLS_WEIGHT, dac.SCORE_THRESHOLD) == (0.7, 0.3, 0.4)
+    assert (dac.TOPK_PER_GT, dac.MAX_POSITIVES, dac.LOSS_NORM_FACTOR, dac.CAP_SAMPLING) == (6, 75, 3.0, "random")
+    assert dac.IOU_AWARE_BCE_WEIGHT == 1.0
+
+
+def test_one_to_one_rank_weights_are_one():
+    """One query per gt: every pair ranks first, weight exp(0) = 1 (the release's one2one)."""
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}]
+    logits = torch.randn(1, 5, 3)
+    assignment = Assignment(torch.tensor([0, 0]), torch.tensor([3, 1]), torch.tensor([0, 1]))
+    onehot = torch.zeros_like(logits)
+    pred = torch.tensor([[0.32, 0.3, 0.2, 0.25], [0.7, 0.62, 0.28, 0.2]])
+    loss = IoUAwareBCELoss(targets)(logits, onehot, assignment, pred, targets[0]["boxes"], 2.0)
+    assert torch.equal(loss.pair_weight, torch.ones(2))
+
+
+def test_iou_aware_bce_trains_both_branches_with_weight_one_and_keeps_the_encoder_focal():
+    model = _dac_model(CLS_LOSS="iou_aware_bce", CAP_SAMPLING="score")
+    outputs = []
+    handle = model.decoder.register_forward_hook(lambda module, args, out: outputs.append(out))
+    batch = synthetic_batch()
+    losses = model(batch)
+    handle.remove()
+    one_to_one = outputs[0]  # the decoder's first call is the O pass
+    images, _ = model.preprocess_image(batch)
+    targets = normalized_targets([x["instances"] for x in batch], images.image_sizes)
+    num_boxes = float(sum(len(t["labels"]) for t in targets))
+    logits, boxes = one_to_one.layer(-1)
+    assignment = model.matcher(logits, boxes, targets)
+    expected = model.criterion(
+        logits, boxes, targets, assignment, num_boxes, classification_loss=IoUAwareBCELoss(targets), class_weight=1.0
+    )
+    torch.testing.assert_close(losses["loss_class"], expected["loss_class"])
+    torch.testing.assert_close(losses["loss_bbox"], expected["loss_bbox"])
+    focal_weighted = model.criterion(logits, boxes, targets, assignment, num_boxes)  # CLASS_WEIGHT 2, focal
+    assert not torch.allclose(losses["loss_class"], focal_weighted["loss_class"])
+    # The encoder's proposals keep the focal loss with CLASS_WEIGHT.
+    focal_model = _dac_model(CLS_LOSS="focal", CAP_SAMPLING="score")
+    focal_losses = focal_model(batch)
+    torch.testing.assert_close(losses["enc_loss_class"], focal_losses["enc_loss_class"])
+
+
+@pytest.mark.parametrize("cls_loss", ["focal", "iou_aware_bce"])
+def test_c_branch_matches_against_the_o_boxes_by_default(cls_loss):
+    """With the O-branch's boxes, the C-branch's assignment follows the O boxes: shifting only the
+    C-branch's boxes leaves it unchanged."""
+    model = _dac_model(CLS_LOSS=cls_loss, CAP_SAMPLING="score")
+    branch = model.branches["dac"]
+    seen = []
+    original = branch.matcher.forward
+    branch.matcher.forward = lambda logits, boxes, targets: seen.append(boxes) or original(logits, boxes, targets)
+    outputs = []
+    model.decoder.register_forward_hook(lambda module, args, out: outputs.append(out))
+    model(synthetic_batch())
+    o_pass = outputs[0]
+    assert len(seen) == o_pass.num_layers
+    for layer, boxes in enumerate(seen):
+        assert torch.equal(boxes, o_pass.boxes[layer])
+
+
+def test_release_evaluation_nms_option():
+    """NMS_THRESH_TEST > 0: class-wise NMS over the best pairs, then DETECTIONS_PER_IMAGE."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.TEST.DETECTIONS_PER_IMAGE = 30
+    plain = build_model(cfg).eval()
+    cfg.MODEL.HYBRID_DETR.NMS_THRESH_TEST = 0.8
+    with_nms = build_model(cfg).eval()
+    with_nms.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a = plain(synthetic_batch())[0]["instances"]
+        b = with_nms(synthetic_batch())[0]["instances"]
+    assert len(a) == 30 and 0 < len(b) <= 30
+    for label in b.pred_classes.unique():
+        boxes = b.pred_boxes.tensor[b.pred_classes == label]
+        iou = box_iou(boxes, boxes).fill_diagonal_(0)
+        assert (iou <= 0.8).all()  # no two kept boxes of one class overlap above the threshold
+    # Untouched pairs keep their scores: the best one is the same.
+    assert torch.isclose(a.scores.max(), b.scores.max())
