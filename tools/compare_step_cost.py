@@ -40,7 +40,7 @@ from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from hybrid_detr.config import load_config, merge_overrides  # noqa: E402
+from hybrid_detr.config import load_config, merge_overrides, mode_spec_overrides  # noqa: E402
 from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
 from hybrid_detr.engine import build_optimizer  # noqa: E402
 
@@ -90,16 +90,9 @@ def _state_bytes(model, optimizer):
 
 def mode_config(cfg, spec: str):
     """The config of one `--modes` entry: "MODE" or "MODE@KEY=VALUE@KEY=VALUE"."""
-    mode, *overrides = spec.split("@")
-    opts = ["MODEL.HYBRID_DETR.DECODER_MODE", mode]
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--modes entry {spec!r}: overrides after '@' must be KEY=VALUE, got {override!r}")
-        opts += [key, value]
     mode_cfg = cfg.clone()
     mode_cfg.defrost()
-    merge_overrides(mode_cfg, opts)
+    merge_overrides(mode_cfg, mode_spec_overrides(spec))
     mode_cfg.freeze()
     return mode_cfg
 

@@ -13,7 +13,7 @@ from .modeling.co_detr.config import add_co_detr_config
 from .modeling.dac.config import add_dac_config
 from .modeling.smca.config import add_smca_config
 
-__all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config", "merge_overrides"]
+__all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config", "merge_overrides", "mode_spec_overrides"]
 
 
 def add_hybrid_detr_config(cfg):
@@ -131,3 +131,17 @@ def merge_overrides(cfg: CfgNode, opts) -> CfgNode:
     _check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)
     return cfg
+
+
+def mode_spec_overrides(spec: str):
+    """KEY VALUE overrides for a decoder-mode spec "MODE" or "MODE@KEY=VALUE@KEY=VALUE" (the tools that
+    run several modes side by side take these, so that variants of one mode can be compared)."""
+    mode, *overrides = spec.split("@")
+    opts = ["MODEL.HYBRID_DETR.DECODER_MODE", mode]
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"mode spec {spec!r}: overrides after '@' must be KEY=VALUE, got {override!r}")
+        opts += [key, value]
+    return opts
+

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Train several decoder modes side by side, several seeds each, and compare their AP over training.
+
+    python tools/compare_modes.py --config-file configs/quickstart/deformable_detr_r18_synthetic.yaml \\
+        --modes deformable dac dense smca co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS=1 \\
+        --seeds 0 1 2 --eval-period 200 --parallel 2 --threads 1 --output output/compare_modes [KEY VALUE ...]
+
+Each (mode, seed) is one `train_net.py` run in its own process and output folder (`OUTPUT_DIR/<mode>/seed<s>`),
+with `OMP_NUM_THREADS=--threads`, at most `--parallel` at a time, evaluating COCO AP on the config's test
+set every `--eval-period` iterations and at the end. A mode may carry config overrides after "@"
+(KEY=VALUE pairs joined by "@"), as in tools/compare_step_cost.py. A run already finished (its
+`metrics.json` has the final evaluation) is not run again, so an interrupted comparison resumes.
+
+Written to OUTPUT_DIR: `compare_modes.json` (every evaluation of every run), `compare_modes.md` (AP and
+AP50, mean ± std over seeds at every evaluated iteration, and the training time), `compare_modes.png`
+(AP against iteration and against training time, one line per mode, the band one std).
+Training time is the sum of the per-iteration times detectron2 logs (`time` in metrics.json), evaluation
+excluded. The comparison pairs the papers make: deformable vs dac, deformable vs co_detr (K = 1, 2),
+dense vs smca, deformable vs smca with SMCA.DEFORMABLE.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "projects", "HybridDETR", "train_net.py")
+# Run from a checkout without installing: the package lives in projects/HybridDETR.
+sys.path.insert(0, os.path.join(ROOT, "projects", "HybridDETR"))
+
+from hybrid_detr.config import load_config, mode_spec_overrides  # noqa: E402
+
+__all__ = ["read_run", "summarize", "format_table", "plot", "main"]
+
+
+def run_dir(output: str, spec: str, seed: int) -> str:
+    safe = spec.replace("@", "__").replace("=", "-").replace("/", "_")
+    return os.path.join(output, safe, f"seed{seed}")
+
+
+def read_run(directory: str) -> Dict:
+    """The evaluations of one run from its metrics.json: {"evals": [{iteration, train_time_s, AP, AP50}],
+    "max_iter_logged": last iteration logged}."""
+    path = os.path.join(directory, "metrics.json")
+    if not os.path.isfile(path):
+        return {"evals": [], "max_iter_logged": -1}
+    evals, train_time, last_iter = [], 0.0, -1
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            iteration = row.get("iteration", -1)
+            if "time" in row and iteration > last_iter:
+                train_time += (iteration - last_iter) * row["time"]  # time: seconds per iteration
+            last_iter = max(last_iter, iteration)
+            if "bbox/AP" in row:
+                evals.append(
+                    {"iteration": iteration + 1, "train_time_s": train_time, "AP": row["bbox/AP"], "AP50": row["bbox/AP50"]}
+                )
+    return {"evals": evals, "max_iter_logged": last_iter}
+
+
+def summarize(runs: Dict[str, Dict[int, Dict]]) -> Dict[str, List[Dict]]:
+    """Per mode: for every iteration evaluated in all its seeds, mean and std of AP / AP50 / time."""
+    summary = {}
+    for spec, seeds in runs.items():
+        by_iter: Dict[int, List[Dict]] = {}
+        for run in seeds.values():
+            for e in run["evals"]:
+                by_iter.setdefault(e["iteration"], []).append(e)
+        rows = []
+        for iteration in sorted(by_iter):
+            evals = by_iter[iteration]
+            if len(evals) != len(seeds):
+                continue  # a seed has not reached this evaluation yet
+            row = {"iteration": iteration, "seeds": len(evals)}
+            for key in ("AP", "AP50", "train_time_s"):
+                values = [e[key] for e in evals]
+                row[key] = statistics.fmean(values)
+                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append(row)
+        summary[spec] = rows
+    return summary
+
+
+def format_table(summary: Dict[str, List[Dict]], header: str = "") -> str:
+    lines = [header] if header else []
+    lines += ["| mode | iteration | seeds | AP | AP50 | training time (s) |", "|---|---|---|---|---|---|"]
+    for spec, rows in summary.items():
+        for r in rows:
+            lines.append(
+                f"| {spec} | {r['iteration']} | {r['seeds']} | {r['AP']:.1f} ± {r['AP_std']:.1f} | "
+                f"{r['AP50']:.1f} ± {r['AP50_std']:.1f} | {r['train_time_s']:.0f} ± {r['train_time_s_std']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(summary: Dict[str, List[Dict]], path: str, title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for spec, rows in summary.items():
+        if not rows:
+            continue
+        ap = [r["AP"] for r in rows]
+        std = [r["AP_std"] for r in rows]
+        low = [a - s for a, s in zip(ap, std)]
+        high = [a + s for a, s in zip(ap, std)]
+        for ax, x in zip(axes, ([r["iteration"] for r in rows], [r["train_time_s"] / 60 for r in rows])):
+            (line,) = ax.plot(x, ap, marker="o", label=f"{spec} ({rows[0]['seeds']} seed{'s' if rows[0]['seeds'] > 1 else ''})")
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("training time (min, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("box AP (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _train(config_file, spec, seed, directory, eval_period, threads, extra_opts, log):
+    opts = mode_spec_overrides(spec) + ["SEED", str(seed), "OUTPUT_DIR", directory, "TEST.EVAL_PERIOD", str(eval_period)]
+    cmd = [sys.executable, TRAIN_NET, "--config-file", config_file] + opts + list(extra_opts)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.makedirs(directory, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(directory, "compare_modes.log"), "w") as out:
+        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    log(f"{spec} seed {seed}: exit {result.returncode} after {time.time() - start:.0f} s ({directory})")
+    if result.returncode != 0:
+        raise RuntimeError(f"training {spec} seed {seed} failed: see {directory}/compare_modes.log")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--modes", nargs="+", required=True, help="DECODER_MODE values, optionally with @KEY=VALUE")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--eval-period", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per run (default 1)")
+    parser.add_argument("--output", default="output/compare_modes")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if len(set(args.modes)) != len(args.modes):
+        raise ValueError(f"--modes must be distinct, got {args.modes}")
+    for spec in args.modes:
+        mode_spec_overrides(spec)  # fail on a malformed entry before any training
+    max_iter = _max_iter(args.config_file, args.opts)
+
+    def log(message):
+        print(f"[compare_modes] {message}", flush=True)
+
+    jobs = []
+    for seed in args.seeds:  # seeds outermost: the first results cover every mode
+        for spec in args.modes:
+            directory = run_dir(args.output, spec, seed)
+            done = read_run(directory)
+            if done["evals"] and done["evals"][-1]["iteration"] == max_iter:
+                log(f"{spec} seed {seed}: already done ({directory})")
+                continue
+            jobs.append((spec, seed, directory))
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        futures = [
+            pool.submit(_train, args.config_file, spec, seed, d, args.eval_period, args.threads, args.opts, log)
+            for spec, seed, d in jobs
+        ]
+        for future in futures:
+            future.result()
+
+    runs = {spec: {seed: read_run(run_dir(args.output, spec, seed)) for seed in args.seeds} for spec in args.modes}
+    summary = summarize(runs)
+    header = (
+        f"{os.path.relpath(args.config_file, ROOT) if os.path.isabs(args.config_file) else args.config_file}, "
+        f"{max_iter} iterations, seeds {args.seeds}, {args.threads} thread(s) per run, {args.parallel} at a time"
+    )
+    table = format_table(summary, header)
+    print(table)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "compare_modes.json"), "w") as f:
+        json.dump({"config_file": args.config_file, "max_iter": max_iter, "runs": runs, "summary": summary}, f, indent=2)
+    with open(os.path.join(args.output, "compare_modes.md"), "w") as f:
+        f.write(table + "\n")
+    plot(summary, os.path.join(args.output, "compare_modes.png"), title=header)
+    log(f"wrote {args.output}/compare_modes.{{json,md,png}}")
+    return summary
+
+
+def _max_iter(config_file, opts):
+    return load_config(config_file, opts).SOLVER.MAX_ITER
+
+
+if __name__ == "__main__":
+    main()
