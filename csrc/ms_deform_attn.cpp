@@ -7,6 +7,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace hybrid_detr {
 
 namespace {
@@ -115,6 +118,17 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
   TORCH_CHECK(total == s.S, op, ": the sum over levels of H*W from spatial_shapes is ", total,
               " but value has S = ", s.S, " keys");
   return s;
+}
+
+bool cuda_backward_deterministic() {
+  auto& ctx = at::globalContext();
+  const char* force = std::getenv("HYBRID_DETR_CUDA_BACKWARD");
+  const bool force_atomic = force != nullptr && std::strcmp(force, "atomic") == 0;
+  if (ctx.deterministicAlgorithms() && !force_atomic) {
+    return true;
+  }
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  return false;
 }
 
 at::Tensor ms_deform_attn(
