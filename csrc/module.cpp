@@ -3,8 +3,6 @@
 // no pybind11: the ops are reached through torch.ops.hybrid_detr.
 #include <Python.h>
 
-#include <c10/util/Exception.h>
-
 #include "ms_deform_attn.h"
 
 namespace {
@@ -21,22 +19,10 @@ PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(hybrid_detr::cpu_kernel_isa());
 }
 
-// "deterministic" or "atomic": the CUDA backward the current settings select (alerting as it would).
-PyObject* cuda_backward_mode(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(hybrid_detr::cuda_backward_deterministic() ? "deterministic" : "atomic");
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
-}
-
 PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
      "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512' (follows ATEN_CPU_CAPABILITY)."},
-    {"_cuda_backward_mode", cuda_backward_mode, METH_NOARGS,
-     "'deterministic' or 'atomic': which CUDA backward the current settings select."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -163,6 +163,8 @@ TORCH_LIBRARY(hybrid_detr, m) {
   m.def(
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+  // The CUDA backward's choice, as an op so that CPU tests see its alert as Python errors/warnings.
+  m.def("_cuda_backward_deterministic() -> bool", &cuda_backward_deterministic);
 }
 
 } // namespace hybrid_detr

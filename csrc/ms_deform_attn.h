@@ -41,7 +41,8 @@ const char* cpu_kernel_isa();
 // Whether the CUDA backward takes its deterministic path (no float atomics on grad_value): when
 // torch.use_deterministic_algorithms(True) is on, unless HYBRID_DETR_CUDA_BACKWARD=atomic forces
 // the atomic one, which then alerts (error, or warning with warn_only=True) as ATen ops do.
-// Host code, so CPU tests can check it.
+// Host code, also registered as the op hybrid_detr::_cuda_backward_deterministic so CPU tests can
+// check the choice and its alert.
 bool cuda_backward_deterministic();
 
 // Dispatcher entry points (what torch.ops.hybrid_detr.* call).
