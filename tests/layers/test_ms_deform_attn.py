@@ -473,3 +473,30 @@ def test_cuda_backward_alert_logic(monkeypatch, capfd):
         assert "ms_deform_attn_backward_cuda does not have a deterministic" in capfd.readouterr().err
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def test_setup_defaults(monkeypatch):
+    """Without a visible GPU setup.py builds every architecture CUDA 13 supports that users have
+    (Turing included), and on x86-64 the CPU kernels for the baseline, AVX2 and AVX-512."""
+    import importlib.util
+    import os
+    import platform
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("hybrid_detr_setup", os.path.join(root, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # setup() itself only runs under __main__
+    assert setup.DEFAULT_CUDA_ARCH_LIST == "7.5;8.0;8.6;8.9;9.0+PTX"
+    names = [name for name, _, _ in setup._cpu_isa_variants()]
+    assert names[0] == "baseline"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert names == ["baseline", "avx2", "avx512"]
+    cuda_home = setup._find_cuda_home()
+    if not (torch.version.cuda and cuda_home) or torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch, a CUDA toolkit and no visible GPU")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.delenv("HYBRID_DETR_NO_CUDA", raising=False)
+    setup.get_extensions(cuda_home)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;8.0;8.6;8.9;9.0+PTX"
