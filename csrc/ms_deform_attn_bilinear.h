@@ -116,9 +116,10 @@ struct SampleGrads {
   acc_t x, y;  // d out / d pixel coordinate, not yet scaled by attn * (W, H)
 };
 
-template <typename acc_t>
-HYBRID_DETR_HD SampleGrads<acc_t> sample_grads_partial(const Bilinear<acc_t>& b, const acc_t dot[4]) {
-  SampleGrads<acc_t> g;
+// dot_t may also be a vector of per-channel-lane partial dots (the CPU kernels).
+template <typename acc_t, typename dot_t = acc_t>
+HYBRID_DETR_HD SampleGrads<dot_t> sample_grads_partial(const Bilinear<acc_t>& b, const dot_t dot[4]) {
+  SampleGrads<dot_t> g;
   g.attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] + b.weight[3] * dot[3];
   g.x = (1 - b.fy) * (dot[1] - dot[0]) + b.fy * (dot[3] - dot[2]);
   g.y = (1 - b.fx) * (dot[2] - dot[0]) + b.fx * (dot[3] - dot[1]);

@@ -10,7 +10,6 @@
 #include "ms_deform_attn_cpu_kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -110,14 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                          attention_weights.to(at::kFloat));
     return {std::get<0>(g).to(at::kHalf), std::get<1>(g).to(at::kHalf), std::get<2>(g).to(at::kHalf)};
   }
-  const auto acc_type = at::toOpMathType(value.scalar_type());
-  // grad_value accumulates (zeros); the kernel writes every element of grad_loc and grad_attn.
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  // The kernel writes every element of grad_loc and grad_attn, and of grad_value for bfloat16
+  // (from a per-task float accumulator: no float32 copy of it); float and double accumulate in
+  // place, so their grad_value starts from zeros.
   const bool work = s.N * s.Lq * s.M * s.L * s.P != 0 && value.numel() != 0;
-  auto grad_loc = work ? at::empty(sampling_locations.sizes(), sampling_locations.options())
-                       : at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_attn = work ? at::empty(attention_weights.sizes(), attention_weights.options())
-                        : at::zeros(attention_weights.sizes(), attention_weights.options());
+  const auto alloc = [work](const at::Tensor& like) {
+    return work ? at::empty(like.sizes(), like.options()) : at::zeros(like.sizes(), like.options());
+  };
+  auto grad_value = value.scalar_type() == at::kBFloat16 ? alloc(value) : at::zeros(value.sizes(), value.options());
+  auto grad_loc = alloc(sampling_locations);
+  auto grad_attn = alloc(attention_weights);
   if (work) {
     const auto go = grad_output.contiguous();
     const auto v = value.contiguous();
@@ -132,9 +133,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
          grad_value.mutable_data_ptr(), grad_loc.mutable_data_ptr(), grad_attn.mutable_data_ptr(),
          zeros.const_data_ptr(), begin, end);
     });
-  }
-  if (grad_value.scalar_type() != value.scalar_type()) {
-    grad_value = grad_value.to(value.scalar_type());
   }
   return {grad_value, grad_loc, grad_attn};
 }

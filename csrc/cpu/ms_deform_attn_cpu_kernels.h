@@ -25,8 +25,9 @@ using ForwardFn = void (*)(const Problem& p, const void* value, const void* loc,
                            const void* zeros, int64_t begin, int64_t end);
 
 // Backward over the tasks t in [begin, end) of N * M * L, t = (n * M + m) * L + l: the task owns
-// grad_value[n, level l, m, :], so tasks never write the same element. grad_loc and grad_attn are
-// written for every sample (zeros where the sample is outside), so they need no zero-fill.
+// grad_value[n, level l, m, :], so tasks never write the same element. grad_value (element type)
+// must be zero-filled for Float and Double (accumulated in place); for BFloat16 every element is
+// written. Every element of grad_loc and grad_attn is written.
 using BackwardFn = void (*)(const Problem& p, const void* grad_out, const void* value, const void* loc,
                             const void* attn, void* grad_value, void* grad_loc, void* grad_attn, const void* zeros,
                             int64_t begin, int64_t end);

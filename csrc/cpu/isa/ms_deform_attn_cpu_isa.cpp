@@ -16,6 +16,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if !(defined(__GNUC__) || defined(__clang__))
 #error "the CPU kernels of ms_deform_attn use GCC/Clang vector extensions"
@@ -239,42 +241,59 @@ void forward(const Problem& p, const void* value_, const void* loc_, const void*
 }
 
 // --- backward ---
-// dot[c] = <go, v_c>;  g_c += k_c * go   (go in the accumulation type)
+// Sum of the lanes of each of a, b, c: rotate-and-add folds (independent chains, no serial sum).
+template <typename V, int Shift, size_t... I>
+inline V rotate(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, ((I + Shift) % sizeof...(I))...);
+}
+template <typename V, int Width>
+inline V fold(V v) {
+  if constexpr (Width > 1) {
+    constexpr int lanes = sizeof(V) / sizeof(v[0]);
+    v += rotate<V, Width / 2>(v, std::make_index_sequence<lanes>());
+    return fold<V, Width / 2>(v);
+  }
+  return v;
+}
+template <typename V>
+inline auto lane_sum(V v) -> decltype(v[0] + v[0]) {
+  return fold<V, int(sizeof(V) / sizeof(v[0]))>(v)[0];
+}
+
+// One sample over the channels: dot_c = <go, v_c> per lane, g_c += k_c * go; returns the
+// sample's gradients (the shared arithmetic, applied lane-wise to the partial dots, then summed:
+// it is linear in the dots, as the CUDA kernel sums it over threads).
 template <typename scalar_t, typename acc_t>
-inline void backward_channels(const acc_t* go, const scalar_t* const v[4], acc_t* const g[4], const acc_t k[4],
-                              int64_t D, acc_t dot[4]) {
+inline SampleGrads<acc_t> backward_channels(const Bilinear<acc_t>& b, const acc_t* go, const scalar_t* const v[4],
+                                            acc_t* const g[4], const acc_t k[4], int64_t D) {
   using V = typename Vec<acc_t>::type;
   constexpr int VW = Vec<acc_t>::lanes;
-  V s0 = V{}, s1 = V{}, s2 = V{}, s3 = V{};
+  V s[4] = {V{}, V{}, V{}, V{}};
   const V k0 = V{} + k[0], k1 = V{} + k[1], k2 = V{} + k[2], k3 = V{} + k[3];
   int64_t d = 0;
   for (; d + VW <= D; d += VW) {
     const V x = vload(go + d);
-    s0 += x * vload(v[0] + d);
-    s1 += x * vload(v[1] + d);
-    s2 += x * vload(v[2] + d);
-    s3 += x * vload(v[3] + d);
+    s[0] += x * vload(v[0] + d);
+    s[1] += x * vload(v[1] + d);
+    s[2] += x * vload(v[2] + d);
+    s[3] += x * vload(v[3] + d);
     vstore(g[0] + d, vload(g[0] + d) + k0 * x);
     vstore(g[1] + d, vload(g[1] + d) + k1 * x);
     vstore(g[2] + d, vload(g[2] + d) + k2 * x);
     vstore(g[3] + d, vload(g[3] + d) + k3 * x);
   }
-  acc_t t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2), t3 = hsum(s3);
+  acc_t t[4] = {0, 0, 0, 0};
   for (; d < D; ++d) {
     const acc_t x = go[d];
-    t0 += x * to_acc(v[0][d]);
-    t1 += x * to_acc(v[1][d]);
-    t2 += x * to_acc(v[2][d]);
-    t3 += x * to_acc(v[3][d]);
-    g[0][d] += k[0] * x;
-    g[1][d] += k[1] * x;
-    g[2][d] += k[2] * x;
-    g[3][d] += k[3] * x;
+    for (int c = 0; c < 4; ++c) {
+      t[c] += x * to_acc(v[c][d]);
+      g[c][d] += k[c] * x;
+    }
   }
-  dot[0] = t0;
-  dot[1] = t1;
-  dot[2] = t2;
-  dot[3] = t3;
+  const SampleGrads<V> lanes = sample_grads_partial<acc_t, V>(b, s);
+  const SampleGrads<acc_t> tail = sample_grads_partial(b, t);
+  return SampleGrads<acc_t>{lane_sum(lanes.attn) + tail.attn, lane_sum(lanes.x) + tail.x,
+                            lane_sum(lanes.y) + tail.y};
 }
 
 template <typename scalar_t>
@@ -282,18 +301,29 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
               void* grad_value_, void* grad_loc_, void* grad_attn_, const void* zeros_, int64_t begin,
               int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int VW = Vec<acc_t>::lanes;
   const auto* grad_out = static_cast<const scalar_t*>(grad_out_);
   const auto* value = static_cast<const scalar_t*>(value_);
   const auto* loc = static_cast<const scalar_t*>(loc_);
   const auto* attn = static_cast<const scalar_t*>(attn_);
   const auto* zeros = static_cast<const scalar_t*>(zeros_);
-  auto* grad_value = static_cast<acc_t*>(grad_value_);
+  auto* grad_value = static_cast<scalar_t*>(grad_value_);
   auto* grad_loc = static_cast<scalar_t*>(grad_loc_);
   auto* grad_attn = static_cast<scalar_t*>(grad_attn_);
   const int64_t M = p.M, D = p.D, L = p.L, P = p.P, Lq = p.Lq;
   const int64_t row = M * D;
+  int64_t max_keys = 1;
+  for (int64_t l = 0; l < L; ++l) {
+    max_keys = p.H[l] * p.W[l] > max_keys ? p.H[l] * p.W[l] : max_keys;
+  }
+  // float / double accumulate in grad_value itself (zero-filled by the caller). bfloat16
+  // accumulates the task's slice in a float buffer, keys D apart, then writes it out once: no
+  // float32 copy of the whole grad_value and no conversion pass. (For float the copy-out costs
+  // more than the caller's zero-fill when few keys are sampled, as in a decoder.)
+  constexpr bool kInPlace = std::is_same<scalar_t, acc_t>::value;
+  acc_t* slice = new acc_t[(kInPlace ? 0 : max_keys * D) + 4 * D];
+  acc_t* sink = slice + (kInPlace ? 0 : max_keys * D);  // the gradient of corners outside the level
   acc_t* go = new acc_t[D > 0 ? D : 1];
-  acc_t* sink = new acc_t[4 * D > 0 ? 4 * D : 1];  // the gradient of corners outside the level
   const scalar_t zero = from_acc<scalar_t>(acc_t(0));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t l = task % L;
@@ -302,7 +332,11 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
     const int64_t H = p.H[l], W = p.W[l];
     const int64_t level_offset = (n * p.S + p.start[l]) * row + m * D;
     const scalar_t* level = value + level_offset;
-    acc_t* grad_level = grad_value + level_offset;
+    acc_t* acc_level = kInPlace ? reinterpret_cast<acc_t*>(grad_value) + level_offset : slice;
+    const int64_t acc_stride = kInPlace ? row : D;
+    if (!kInPlace) {
+      std::memset(slice, 0, sizeof(acc_t) * H * W * D);
+    }
     for (int64_t q = 0; q < Lq; ++q) {
       const int64_t nq = n * Lq + q;
       const scalar_t* go_row = grad_out + (nq * M + m) * D;
@@ -330,12 +364,10 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
         for (int c = 0; c < 4; ++c) {
           const bool inside = b.offset[c] >= 0;
           v[c] = inside ? level + b.offset[c] * row : zeros;
-          g[c] = inside ? grad_level + b.offset[c] * row : sink + c * D;
+          g[c] = inside ? acc_level + b.offset[c] * acc_stride : sink + c * D;
           k[c] = corner_coeff(b, a, c);
         }
-        acc_t dot[4];
-        backward_channels(go, v, g, k, D, dot);
-        const SampleGrads<acc_t> sg = sample_grads_partial(b, dot);
+        const SampleGrads<acc_t> sg = backward_channels(b, go, v, g, k, D);
         acc_t gx, gy;
         sample_grads_finish(sg, a, H, W, gx, gy);
         grad_attn[i] = from_acc<scalar_t>(sg.attn);
@@ -343,9 +375,20 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
         grad_loc[2 * i + 1] = from_acc<scalar_t>(gy);
       }
     }
+    for (int64_t key = 0; !kInPlace && key < H * W; ++key) {
+      const acc_t* src = slice + key * D;
+      scalar_t* dst = grad_value + level_offset + key * row;
+      int64_t d = 0;
+      for (; d + VW <= D; d += VW) {
+        vstore(dst + d, vload(src + d));
+      }
+      for (; d < D; ++d) {
+        dst[d] = from_acc<scalar_t>(src[d]);
+      }
+    }
   }
-  delete[] sink;
   delete[] go;
+  delete[] slice;
 }
 
 } // namespace
