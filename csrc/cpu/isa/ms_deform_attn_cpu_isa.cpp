@@ -148,6 +148,17 @@ inline auto hsum(V v) -> decltype(v[0] + v[0]) {
   return s;
 }
 
+// Start the loads of a row's cache lines (at most 4): the corner rows of all the samples of an
+// output row are requested while their weights are computed, before the channel loops use them.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = D * int64_t(sizeof(scalar_t));
+  for (int64_t o = 0; o < bytes && o < 256; o += 64) {
+    __builtin_prefetch(p + o);
+  }
+}
+
 // --- forward ---
 template <typename scalar_t, typename acc_t>
 struct Entry {
@@ -231,6 +242,7 @@ void forward(const Problem& p, const void* value_, const void* loc_, const void*
           for (int c = 0; c < 4; ++c) {
             e.v[c] = b.offset[c] >= 0 ? level + b.offset[c] * row : zeros;
             e.c[c] = corner_coeff(b, a, c);
+            prefetch_row(e.v[c], D);
           }
         }
       }
