@@ -7,11 +7,13 @@ Build with `pip install -e . --no-build-isolation` (an isolated build would pull
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
 PACKAGE_DIR = os.path.join("projects", "HybridDETR")
 
 
@@ -46,12 +48,55 @@ def _want_cuda(torch_has_cuda, cuda_home):
     return bool(torch_has_cuda and cuda_home)
 
 
+# The CPU kernels: one source compiled once per instruction set (see its header comment).
+CPU_ISA_SOURCE = os.path.join("csrc", "cpu", "isa", "ms_deform_attn_cpu_isa.cpp")
+
+
+def _cpu_isa_variants():
+    """(name, HYBRID_DETR_CPU_ISA, compiler flags) of each build of the CPU kernels.
+
+    The baseline always; AVX2 and AVX-512 on x86-64 with GCC/Clang (the flags of ATen's own
+    AVX2/AVX512 kernels), chosen at run time. HYBRID_DETR_CPU_BASELINE_ONLY=1 builds the baseline only.
+    """
+    variants = [("baseline", 0, [])]
+    if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("HYBRID_DETR_CPU_BASELINE_ONLY") != "1":
+        variants.append(("avx2", 1, ["-mavx2", "-mfma", "-mf16c"]))
+        variants.append(("avx512", 2, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                                       "-mf16c"]))
+    return variants
+
+
+def _build_ext_class():
+    """torch's BuildExtension, plus the per-ISA objects of the CPU kernels (each with its own flags)."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExtensionWithISA(BuildExtension):
+        def build_extension(self, ext):
+            variants = getattr(ext, "cpu_isa_variants", ())
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = []
+            for name, level, flags in variants:
+                objects += self.compiler.compile(
+                    [CPU_ISA_SOURCE],
+                    output_dir=os.path.join(self.build_temp, "cpu_" + name),
+                    macros=list(ext.define_macros) + [("HYBRID_DETR_CPU_ISA", str(level))],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": list(cxx) + flags} if self.use_ninja else list(cxx) + flags,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return BuildExtensionWithISA.with_options(use_ninja=True)
+
+
 def get_extensions(cuda_home):
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    define_macros = []
+    isa_variants = _cpu_isa_variants()
+    define_macros = [("HYBRID_DETR_CPU_" + name.upper(), None) for name, _, _ in isa_variants if name != "baseline"]
     extra_compile_args = {"cxx": ["-O3"]}
     extension = CppExtension
     if _want_cuda(torch.version.cuda, cuda_home):
@@ -60,21 +105,24 @@ def get_extensions(cuda_home):
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # No GPU to ask: build for Ampere and Hopper, plus PTX for newer GPUs.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            # No GPU to ask: every architecture CUDA 13 supports that users have (Turing T4/RTX 20xx,
+            # Ampere, Ada, Hopper), plus PTX for newer GPUs.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         print(f"hybrid_detr: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
     else:
         print("hybrid_detr: building CPU kernels only")
-    return [
-        extension(
-            "hybrid_detr._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros,
-            extra_compile_args=extra_compile_args,
-        )
-    ]
+    print("hybrid_detr: CPU kernels for " + ", ".join(name for name, _, _ in isa_variants))
+    ext = extension(
+        "hybrid_detr._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        depends=[CPU_ISA_SOURCE] + sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
+    )
+    ext.cpu_isa_variants = isa_variants
+    return [ext]
 
 
 def _link_configs():
@@ -94,8 +142,6 @@ if __name__ == "__main__":
     if CUDA_HOME:
         # Before anything imports torch.utils.cpp_extension: it reads CUDA_HOME once, at import.
         os.environ["CUDA_HOME"] = CUDA_HOME
-    from torch.utils.cpp_extension import BuildExtension
-
     _link_configs()
     setup(
         name="hybrid_detr",
@@ -107,6 +153,6 @@ if __name__ == "__main__":
         python_requires=">=3.9",
         install_requires=["scipy", "fvcore", "pycocotools"],  # detectron2 and torch: see README
         ext_modules=get_extensions(CUDA_HOME),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": _build_ext_class()},
         zip_safe=False,
     )

@@ -3,6 +3,8 @@
 // no pybind11: the ops are reached through torch.ops.hybrid_detr.
 #include <Python.h>
 
+#include "ms_deform_attn.h"
+
 namespace {
 
 PyObject* with_cuda(PyObject*, PyObject*) {
@@ -13,8 +15,14 @@ PyObject* with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* cpu_kernel_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(hybrid_detr::cpu_kernel_isa());
+}
+
 PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512' (follows ATEN_CPU_CAPABILITY)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

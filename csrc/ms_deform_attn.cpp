@@ -7,6 +7,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace hybrid_detr {
 
 namespace {
@@ -117,6 +120,17 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
   return s;
 }
 
+bool cuda_backward_deterministic() {
+  auto& ctx = at::globalContext();
+  const char* force = std::getenv("HYBRID_DETR_CUDA_BACKWARD");
+  const bool force_atomic = force != nullptr && std::strcmp(force, "atomic") == 0;
+  if (ctx.deterministicAlgorithms() && !force_atomic) {
+    return true;
+  }
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  return false;
+}
+
 at::Tensor ms_deform_attn(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -149,6 +163,8 @@ TORCH_LIBRARY(hybrid_detr, m) {
   m.def(
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+  // The CUDA backward's choice, as an op so that CPU tests see its alert as Python errors/warnings.
+  m.def("_cuda_backward_deterministic() -> bool", &cuda_backward_deterministic);
 }
 
 } // namespace hybrid_detr

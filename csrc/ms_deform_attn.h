@@ -35,6 +35,16 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output = at::Tensor());
 
+// The CPU kernel variant in use: "baseline", "avx2" or "avx512" (cpu/ms_deform_attn_cpu.cpp).
+const char* cpu_kernel_isa();
+
+// Whether the CUDA backward takes its deterministic path (no float atomics on grad_value): when
+// torch.use_deterministic_algorithms(True) is on, unless HYBRID_DETR_CUDA_BACKWARD=atomic forces
+// the atomic one, which then alerts (error, or warning with warn_only=True) as ATen ops do.
+// Host code, also registered as the op hybrid_detr::_cuda_backward_deterministic so CPU tests can
+// check the choice and its alert.
+bool cuda_backward_deterministic();
+
 // Dispatcher entry points (what torch.ops.hybrid_detr.* call).
 at::Tensor ms_deform_attn(
     const at::Tensor& value,

@@ -1,11 +1,17 @@
 // CUDA kernels of hybrid_detr::ms_deform_attn and its backward (float32/64, float16, bfloat16;
-// half types accumulate in float32). Same sampling logic as cpu/ms_deform_attn_cpu.cpp.
+// half types accumulate in float32). The per-sample arithmetic (pixel coordinate, bilinear
+// corners and weights, the gradients of a sample) is ms_deform_attn_bilinear.h, the code the CPU
+// kernels and tests run; this file holds only thread-index decoding, loops and accumulation.
 //
-// One warp per output row (n, q, m): the lanes run over the D channels of the value rows, so
-// loads are coalesced and the (location, weight) of each sampling point is a warp-wide broadcast.
-// Backward: grad_value by atomicAdd (into a float32 buffer for half types); the gradients of each
-// sampling point's location and weight are reduced over channels with warp shuffles and written
-// by lane 0 (one writer per point, no atomics). All offsets are 64-bit; no batch-size restriction.
+// A group of `lanes` threads per output row (n, q, m) runs over the D channels of the value rows,
+// so loads are coalesced; lanes = D rounded up to a power of two, at most 32, so with small D
+// (16 at 128 channels / 8 heads) a warp packs several rows instead of idling half its lanes.
+// Backward: grad_value by atomicAdd (into a float32 buffer for half types); each sampling
+// point's location and weight gradients are reduced over the group with shuffles and written by
+// its first lane (one writer per point). With torch.use_deterministic_algorithms(True),
+// grad_value is built without float atomics instead: per (query chunk, n, m, level) slices owned
+// by one thread group each, then summed over the chunks in a fixed order.
+// All offsets are 64-bit; no batch-size restriction.
 #include "../ms_deform_attn.h"
 #include "../ms_deform_attn_bilinear.h"
 
@@ -21,20 +27,43 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = kThreads / kWarp;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+// Backward: at least 3 blocks of 256 threads per SM, i.e. at most 85 registers a thread (it used
+// ~90 without a bound). Not measured: no GPU was available when this was written.
+constexpr int kBackwardMinBlocks = 3;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loop beyond this
 
 struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
+  int lanes;  // threads per row: a power of two, <= kWarp
 };
 
+// Sum over the `lanes` threads of a row group (xor partners stay inside the aligned group).
+// Every thread of the warp must call it.
 template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) {
+__device__ __forceinline__ T group_sum(T v, int lanes) {
+  for (int o = lanes / 2; o > 0; o /= 2) {
     v += __shfl_xor_sync(0xffffffffu, v, o);
   }
   return v;
+}
+
+// Thread -> (row group within the warp, lane within the group).
+struct Lane {
+  int sub, lane, rows_per_warp;
+  __device__ explicit Lane(int lanes) {
+    const int l = threadIdx.x % kWarp;
+    sub = l / lanes;
+    lane = l % lanes;
+    rows_per_warp = kWarp / lanes;
+  }
+};
+
+__device__ __forceinline__ int64_t first_warp() {
+  return int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+}
+__device__ __forceinline__ int64_t warp_stride() {
+  return int64_t(gridDim.x) * kWarpsPerBlock;
 }
 
 template <typename scalar_t>
@@ -47,18 +76,20 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
     const scalar_t* __restrict__ attn,
     scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
+  const Lane t(s.lanes);
   const int64_t rows = s.N * s.Lq * s.M;
   const int64_t row_stride = s.M * s.D;  // between keys in value
-  // The row index is the same for all lanes of a warp, so every branch below is warp-uniform.
-  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; r < rows;
-       r += int64_t(gridDim.x) * kRowsPerBlock) {
+  for (int64_t w = first_warp(); w * t.rows_per_warp < rows; w += warp_stride()) {
+    const int64_t r = w * t.rows_per_warp + t.sub;
+    if (r >= rows) {
+      continue;  // no shuffles in the forward: groups may diverge
+    }
     const int64_t m = r % s.M;
     const int64_t n = r / (s.M * s.Lq);
     const scalar_t* value_nm = value + n * s.S * row_stride + m * s.D;
     const int64_t sample0 = r * s.L * s.P;
-    for (int64_t d0 = 0; d0 < s.D; d0 += kWarp) {
-      const int64_t d = d0 + lane;
+    for (int64_t d0 = 0; d0 < s.D; d0 += s.lanes) {
+      const int64_t d = d0 + t.lane;
       acc_t acc = 0;
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
@@ -66,16 +97,15 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t i = sample0 + l * s.P + p;
           Bilinear<acc_t> b;
-          if (!bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, b)) {
+          if (d >= s.D ||
+              !bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, b)) {
             continue;
           }
-          if (d < s.D) {
-            const acc_t a = static_cast<acc_t>(attn[i]);
+          const acc_t a = static_cast<acc_t>(attn[i]);
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              if (b.offset[c] >= 0) {
-                acc += a * b.weight[c] * static_cast<acc_t>(level[b.offset[c] * row_stride + d]);
-              }
+          for (int c = 0; c < 4; ++c) {
+            if (b.offset[c] >= 0) {
+              acc += corner_coeff(b, a, c) * static_cast<acc_t>(level[b.offset[c] * row_stride + d]);
             }
           }
         }
@@ -87,8 +117,10 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) ms_deform_attn_backward_kernel(
+// Gradients of the sampling locations and attention weights (each point written once), and, when
+// kValueGrad, grad_value by atomics.
+template <typename scalar_t, bool kValueGrad>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) ms_deform_attn_backward_kernel(
     const Sizes s,
     const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
@@ -100,11 +132,15 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_backward_kernel(
     scalar_t* __restrict__ grad_loc,
     scalar_t* __restrict__ grad_attn) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
+  const Lane t(s.lanes);
   const int64_t rows = s.N * s.Lq * s.M;
   const int64_t row_stride = s.M * s.D;
-  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; r < rows;
-       r += int64_t(gridDim.x) * kRowsPerBlock) {
+  // The loop bound is the same for the whole warp; a group past the end works on the last row
+  // without writing, so that every lane takes part in the shuffles.
+  for (int64_t w = first_warp(); w * t.rows_per_warp < rows; w += warp_stride()) {
+    const int64_t r_own = w * t.rows_per_warp + t.sub;
+    const bool active = r_own < rows;
+    const int64_t r = active ? r_own : rows - 1;
     const int64_t m = r % s.M;
     const int64_t n = r / (s.M * s.Lq);
     const int64_t value_offset = n * s.S * row_stride + m * s.D;
@@ -114,50 +150,136 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_backward_kernel(
       const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
       const int64_t level_offset = value_offset + level_start_index[l] * row_stride;
       const scalar_t* level = value + level_offset;
-      acc_t* grad_level = grad_value + level_offset;
+      acc_t* grad_level = kValueGrad ? grad_value + level_offset : nullptr;
       for (int64_t p = 0; p < s.P; ++p) {
         const int64_t i = sample0 + l * s.P + p;
         Bilinear<acc_t> b;
-        if (!bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, b)) {
-          continue;  // gradients stay zero (buffers are zero-initialised)
-        }
+        const bool valid =
+            bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, b);
         const acc_t a = static_cast<acc_t>(attn[i]);
-        acc_t dot[4] = {0, 0, 0, 0};  // <grad_out, corner value>, this lane's channels
-        for (int64_t d = lane; d < s.D; d += kWarp) {
-          const acc_t g = static_cast<acc_t>(go[d]);
+        SampleGrads<acc_t> g{0, 0, 0};
+        if (valid) {
+          acc_t dot[4] = {0, 0, 0, 0};  // <grad_out, corner value> over this lane's channels
+          for (int64_t d = t.lane; d < s.D; d += s.lanes) {
+            const acc_t go_d = static_cast<acc_t>(go[d]);
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if (b.offset[c] >= 0) {
-              const int64_t idx = b.offset[c] * row_stride + d;
-              dot[c] += g * static_cast<acc_t>(level[idx]);
-              atomicAdd(grad_level + idx, a * b.weight[c] * g);
+            for (int c = 0; c < 4; ++c) {
+              if (b.offset[c] >= 0) {
+                const int64_t idx = b.offset[c] * row_stride + d;
+                dot[c] += go_d * static_cast<acc_t>(level[idx]);
+                if (kValueGrad && active) {
+                  atomicAdd(grad_level + idx, corner_coeff(b, a, c) * go_d);
+                }
+              }
             }
           }
+          g = sample_grads_partial(b, dot);  // linear in dot: partial sums add up
         }
-        const acc_t fx = b.fx, fy = b.fy;
-        acc_t g_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] + b.weight[3] * dot[3];
-        acc_t g_x = (1 - fy) * (dot[1] - dot[0]) + fy * (dot[3] - dot[2]);
-        acc_t g_y = (1 - fx) * (dot[2] - dot[0]) + fx * (dot[3] - dot[1]);
-        g_attn = warp_sum(g_attn);
-        g_x = warp_sum(g_x);
-        g_y = warp_sum(g_y);
-        if (lane == 0) {
-          grad_attn[i] = static_cast<scalar_t>(g_attn);
-          grad_loc[2 * i] = static_cast<scalar_t>(a * g_x * static_cast<acc_t>(W));
-          grad_loc[2 * i + 1] = static_cast<scalar_t>(a * g_y * static_cast<acc_t>(H));
+        g.attn = group_sum(g.attn, s.lanes);
+        g.x = group_sum(g.x, s.lanes);
+        g.y = group_sum(g.y, s.lanes);
+        if (active && t.lane == 0) {
+          acc_t gx = 0, gy = 0;
+          if (valid) {
+            sample_grads_finish(g, a, H, W, gx, gy);
+          }
+          grad_attn[i] = static_cast<scalar_t>(g.attn);
+          grad_loc[2 * i] = static_cast<scalar_t>(gx);
+          grad_loc[2 * i + 1] = static_cast<scalar_t>(gy);
         }
       }
     }
   }
 }
 
-Sizes to_sizes(const MSDeformAttnSizes& s) {
-  return Sizes{s.N, s.S, s.M, s.D, s.Lq, s.L, s.P};
+// Deterministic grad_value: a task (chunk, n, m, level) adds the samples of queries
+// [chunk * Lq / chunks, (chunk + 1) * Lq / chunks) into partial[chunk] (slice n, level, m, :),
+// in query order, one thread per channel: no two threads touch the same element.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) ms_deform_attn_value_grad_slices_kernel(
+    const Sizes s,
+    const int64_t chunks,
+    const int64_t* __restrict__ spatial_shapes,
+    const int64_t* __restrict__ level_start_index,
+    const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ loc,
+    const scalar_t* __restrict__ attn,
+    at::opmath_type<scalar_t>* __restrict__ partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Lane t(s.lanes);
+  const int64_t per_chunk = s.N * s.M * s.L;
+  const int64_t tasks = chunks * per_chunk;
+  const int64_t row_stride = s.M * s.D;
+  const int64_t numel = s.N * s.S * row_stride;
+  for (int64_t w = first_warp(); w * t.rows_per_warp < tasks; w += warp_stride()) {
+    const int64_t task = w * t.rows_per_warp + t.sub;
+    if (task >= tasks) {
+      continue;
+    }
+    const int64_t l = task % s.L;
+    const int64_t m = (task / s.L) % s.M;
+    const int64_t n = (task / (s.L * s.M)) % s.N;
+    const int64_t chunk = task / per_chunk;
+    const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
+    acc_t* grad_level = partial + chunk * numel + (n * s.S + level_start_index[l]) * row_stride + m * s.D;
+    const int64_t q_end = (chunk + 1) * s.Lq / chunks;
+    for (int64_t q = chunk * s.Lq / chunks; q < q_end; ++q) {
+      const int64_t r = (n * s.Lq + q) * s.M + m;
+      const scalar_t* go = grad_out + r * s.D;
+      for (int64_t p = 0; p < s.P; ++p) {
+        const int64_t i = (r * s.L + l) * s.P + p;
+        Bilinear<acc_t> b;
+        if (!bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]), static_cast<acc_t>(loc[2 * i + 1]), H, W, b)) {
+          continue;
+        }
+        const acc_t a = static_cast<acc_t>(attn[i]);
+        for (int64_t d = t.lane; d < s.D; d += s.lanes) {
+          const acc_t go_d = static_cast<acc_t>(go[d]);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if (b.offset[c] >= 0) {
+              grad_level[b.offset[c] * row_stride + d] += corner_coeff(b, a, c) * go_d;
+            }
+          }
+        }
+      }
+    }
+  }
 }
 
-int64_t num_blocks(const MSDeformAttnSizes& s) {
-  const int64_t rows = s.N * s.Lq * s.M;
-  return std::min<int64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock, kMaxBlocks);
+// out[j] = sum over c of partial[c * numel + j], c in order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_chunks_kernel(
+    const acc_t* __restrict__ partial, int64_t chunks, int64_t numel, acc_t* __restrict__ out) {
+  for (int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x; j < numel; j += int64_t(gridDim.x) * kThreads) {
+    acc_t sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sum += partial[c * numel + j];
+    }
+    out[j] = sum;
+  }
+}
+
+Sizes to_sizes(const MSDeformAttnSizes& s) {
+  int lanes = 1;
+  while (lanes < s.D && lanes < kWarp) {
+    lanes *= 2;
+  }
+  return Sizes{s.N, s.S, s.M, s.D, s.Lq, s.L, s.P, lanes};
+}
+
+int64_t num_blocks(int64_t items, int lanes) {
+  const int64_t per_block = int64_t(kWarpsPerBlock) * (kWarp / lanes);
+  return std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, kMaxBlocks));
+}
+
+// Query chunks of the deterministic grad_value: enough thread groups to fill a GPU, at most
+// ~1 GiB of partial sums.
+int64_t value_grad_chunks(const Sizes& s, int64_t numel, size_t acc_size) {
+  const int64_t tasks = std::max<int64_t>(1, s.N * s.M * s.L);
+  const int64_t want = (int64_t(32768) / (kWarp / s.lanes) + tasks - 1) / tasks;
+  const int64_t by_memory = (int64_t(1) << 30) / std::max<int64_t>(1, numel * int64_t(acc_size));
+  return std::max<int64_t>(1, std::min({want, s.Lq, int64_t(64), by_memory}));
 }
 
 at::Tensor ms_deform_attn_forward_cuda(
@@ -170,8 +292,8 @@ at::Tensor ms_deform_attn_forward_cuda(
                                              sampling_locations, attention_weights);
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn: CUDA kernel called with ", value.device(), " tensors");
   const c10::cuda::CUDAGuard guard(value.device());
-  auto out = at::zeros({s.N, s.Lq, s.M * s.D}, value.options());
-  if (out.numel() == 0 || s.L * s.P == 0) {
+  auto out = at::empty({s.N, s.Lq, s.M * s.D}, value.options());  // the kernel writes every element
+  if (out.numel() == 0) {
     return out;
   }
   const auto v = value.contiguous();
@@ -180,11 +302,11 @@ at::Tensor ms_deform_attn_forward_cuda(
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Sizes sz = to_sizes(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-    ms_deform_attn_forward_kernel<scalar_t><<<num_blocks(s), kThreads, 0, stream>>>(
-        to_sizes(s), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-        v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>());
+    ms_deform_attn_forward_kernel<scalar_t><<<num_blocks(s.N * s.Lq * s.M, sz.lanes), kThreads, 0, stream>>>(
+        sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), v.const_data_ptr<scalar_t>(),
+        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -202,10 +324,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   TORCH_CHECK(value.is_cuda(), "_ms_deform_attn_backward: CUDA kernel called with ", value.device(), " tensors");
   const c10::cuda::CUDAGuard guard(value.device());
   const auto acc_type = at::toOpMathType(value.scalar_type());
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  auto grad_loc = at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_attn = at::zeros(attention_weights.sizes(), attention_weights.options());
-  if (s.N * s.Lq * s.M * s.L * s.P != 0 && value.numel() != 0) {
+  const bool work = s.N * s.Lq * s.M * s.L * s.P != 0 && value.numel() != 0;
+  // Alerts (torch.use_deterministic_algorithms) when the atomic path is taken.
+  const bool deterministic = work && cuda_backward_deterministic();
+  // grad_loc / grad_attn: the kernel writes every element.
+  auto grad_loc = work ? at::empty(sampling_locations.sizes(), sampling_locations.options())
+                       : at::zeros(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_attn = work ? at::empty(attention_weights.sizes(), attention_weights.options())
+                        : at::zeros(attention_weights.sizes(), attention_weights.options());
+  at::Tensor grad_value;
+  if (work) {
     const auto go = grad_output.contiguous();
     const auto v = value.contiguous();
     const auto loc = sampling_locations.contiguous();
@@ -213,15 +341,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const auto shapes = spatial_shapes.contiguous();
     const auto starts = level_start_index.contiguous();
     const auto stream = c10::cuda::getCurrentCUDAStream();
+    const Sizes sz = to_sizes(s);
+    const int64_t rows = s.N * s.Lq * s.M;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          ms_deform_attn_backward_kernel<scalar_t><<<num_blocks(s), kThreads, 0, stream>>>(
-              to_sizes(s), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-              go.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
-              attn.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-              grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
+          using acc_t = at::opmath_type<scalar_t>;
+          if (!deterministic) {
+            grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+            ms_deform_attn_backward_kernel<scalar_t, true><<<num_blocks(rows, sz.lanes), kThreads, 0, stream>>>(
+                sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                go.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
+                attn.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<acc_t>(),
+                grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+          ms_deform_attn_backward_kernel<scalar_t, false><<<num_blocks(rows, sz.lanes), kThreads, 0, stream>>>(
+              sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), go.const_data_ptr<scalar_t>(),
+              v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
+              nullptr, grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const int64_t numel = value.numel();
+          const int64_t chunks = value_grad_chunks(sz, numel, sizeof(acc_t));
+          auto partial = at::zeros({chunks, numel}, value.options().dtype(acc_type));
+          ms_deform_attn_value_grad_slices_kernel<scalar_t>
+              <<<num_blocks(chunks * s.N * s.M * s.L, sz.lanes), kThreads, 0, stream>>>(
+                  sz, chunks, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                  go.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
+                  partial.mutable_data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (chunks == 1) {
+            grad_value = partial.view(value.sizes());
+            return;
+          }
+          grad_value = at::empty(value.sizes(), value.options().dtype(acc_type));
+          const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks);
+          sum_chunks_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(), chunks, numel,
+                                                                   grad_value.mutable_data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
+  } else {
+    grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
   }
   if (grad_value.scalar_type() != value.scalar_type()) {
     grad_value = grad_value.to(value.scalar_type());

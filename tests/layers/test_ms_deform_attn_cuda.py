@@ -7,7 +7,7 @@ import torch
 
 from hybrid_detr.layers import MSDeformAttn, extension_available, ms_deform_attn, ms_deform_attn_reference
 
-from test_ms_deform_attn import SHAPE_CASES, _module_inputs, make_inputs
+from test_ms_deform_attn import SHAPE_CASES, _module_inputs, fma_discriminating_inputs, make_inputs
 
 
 def _cuda_kernels_built():
@@ -182,3 +182,59 @@ def test_module_under_autocast(dtype):
     out.float().sum().backward()
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# Small D packs several rows per warp (D = 16: two rows of 16 lanes; D = 4: eight rows).
+SMALL_D_CASES = [
+    (2, 37, 8, 16, [(9, 7), (5, 4), (3, 2), (1, 1)], 4),
+    (1, 23, 3, 8, [(6, 5), (3, 3)], 3),
+    (3, 11, 5, 4, [(7, 3), (2, 2)], 2),
+    (1, 9, 2, 12, [(5, 5)], 5),  # D not a power of two: idle lanes inside a group
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,Lq,M,D,shapes,P", SMALL_D_CASES)
+def test_small_d_packed_rows(N, Lq, M, D, shapes, P, dtype):
+    args = make_inputs(N, Lq, M, D, shapes, P, dtype=torch.float64, device=DEV)
+    grad = torch.randn(N, Lq, M * D, dtype=torch.float64, device=DEV)
+    ref, ref_grads = _reference_on_rounded(args, dtype, grad)
+    v, ss, lsi, loc, attn = args
+    ins = [t.detach().to(dtype).requires_grad_() for t in (v, loc, attn)]
+    out = op(ins[0], ss, lsi, ins[1], ins[2])
+    torch.testing.assert_close(out.double(), ref, rtol=TOLS[dtype][0], atol=TOLS[dtype][0])
+    grads = torch.autograd.grad(out, ins, grad.to(dtype))
+    tol = TOLS[dtype][1]
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("D", [32, 16])
+def test_deterministic_backward(D):
+    args = make_inputs(2, 300, 8, D, [(20, 30), (10, 15), (5, 8), (3, 4)], 4, dtype=torch.float32, device=DEV,
+                       requires_grad=True)
+    grad = torch.randn(2, 300, 8 * D, device=DEV)
+    ins = (args[0], args[3], args[4])
+    fast = torch.autograd.grad(op(*args), ins, grad)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert torch.ops.hybrid_detr._cuda_backward_deterministic()
+        runs = [torch.autograd.grad(op(*args), ins, grad) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_coordinate_rounding_matches_cpu():
+    """At pixel centres CPU and CUDA take the same one-sided location gradient (one fma on both)."""
+    (value, ss, lsi, loc, attn), expected = fma_discriminating_inputs()
+    loc = loc.to(DEV).requires_grad_()
+    out = op(value.to(DEV), ss.to(DEV), lsi.to(DEV), loc, attn.to(DEV))
+    (g,) = torch.autograd.grad(out, loc, torch.ones_like(out))
+    inside = loc[..., 0].detach().cpu() < 1
+    torch.testing.assert_close(g[..., 0].cpu()[inside], expected[inside], rtol=1e-5, atol=1e-3)

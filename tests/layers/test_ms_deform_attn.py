@@ -290,3 +290,213 @@ def test_module_mixed_dtypes_are_promoted():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(q, ref, value, ss, lsi)
     assert out.shape == (1, 5, 16) and torch.isfinite(out).all()
+
+
+# -- CPU kernel variants (baseline / AVX2 / AVX-512), chosen at run time ----------------------------
+_VARIANT_CHECK = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from hybrid_detr import _C
+from hybrid_detr.layers import ms_deform_attn_reference
+sys.path.insert(0, {here!r})
+from test_ms_deform_attn import make_inputs
+cap = torch.backends.cpu.get_cpu_capability()
+want = {{"AVX512": "avx512", "AVX2": "avx2"}}.get(cap, "baseline")
+assert _C.cpu_kernel_isa() == want, (cap, _C.cpu_kernel_isa())
+op = torch.ops.hybrid_detr.ms_deform_attn
+for D in (1, 7, 16, 32, 40, 71):
+    args = make_inputs(2, 9, 2, D, [(6, 7), (3, 4), (1, 2)], 3, spread=0.2)
+    grad = torch.randn(2, 9, 2 * D, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        ref_in = [t.detach().to(dtype).double().requires_grad_() for t in (args[0], args[3], args[4])]
+        ref = ms_deform_attn_reference(ref_in[0], args[1], ref_in[1], ref_in[2])
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.to(dtype).double())
+        ins = [t.detach().to(dtype).requires_grad_() for t in (args[0], args[3], args[4])]
+        out = op(ins[0], args[1], args[2], ins[1], ins[2])
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        grads = torch.autograd.grad(out, ins, grad.to(dtype))
+        for g, r in zip(grads, ref_grads):
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale)
+print("ok", cap, want)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_kernel_variants(capability):
+    """Each ISA build of the CPU kernels, selected with ATEN_CPU_CAPABILITY as ATen's kernels are
+    (a CPU without the instructions keeps its best supported one), against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(os.path.dirname(os.path.dirname(here)), "projects", "HybridDETR")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(root=root, here=here)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().startswith("ok")
+
+
+def test_backward_is_deterministic_and_thread_independent():
+    args = make_inputs(2, 30, 4, 16, [(9, 8), (5, 4), (3, 2)], 4, dtype=torch.float32, requires_grad=True)
+    grad = torch.randn(2, 30, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            results.append(torch.autograd.grad(op(*args), (args[0], args[3], args[4]), grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_all_samples_outside_give_exact_zeros():
+    # The forward output and grad_loc / grad_attn are allocated uninitialised: every element must be written.
+    v, ss, lsi, loc, attn = make_inputs(2, 6, 2, 32, [(4, 3), (2, 2)], 2, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        loc.fill_(3.0)
+    out = op(v, ss, lsi, loc, attn)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, (v, loc, attn), torch.randn_like(out))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_location_gradient_at_minus_one_matches_grid_sample():
+    """At pixel coordinate exactly -1 (loc = -0.5 / W) the sample is 0 but grid_sample's location
+    gradient is the right-sided one, through the corner at 0; at exactly W (or H) it is 0."""
+    H, W = 4, 4
+    ss = torch.tensor([[H, W]])
+    lsi = torch.tensor([0])
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(1, H * W, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    at_minus_one, inside, at_end = -0.5 / W, 0.3, (W + 0.5) / W
+    points = [(at_minus_one, inside), (inside, at_minus_one), (at_minus_one, at_minus_one), (at_end, inside),
+              (inside, at_end), (inside, inside)]
+    loc = torch.tensor(points, dtype=torch.float64).view(1, 1, 1, 1, len(points), 2).requires_grad_()
+    attn = torch.rand(1, 1, 1, 1, len(points), generator=g, dtype=torch.float64).requires_grad_()
+    out = op(value, ss, lsi, loc, attn)
+    ref = ms_deform_attn_reference(value, ss, loc, attn)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (value, loc, attn), grad)
+    want = torch.autograd.grad(ref, (value, loc, attn), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    gl = got[1].view(-1, 2)
+    assert gl[0, 0] != 0 and gl[1, 1] != 0  # right-sided, not zero
+    assert gl[3, 0] == 0 and gl[4, 1] == 0
+
+
+def fma_discriminating_inputs():
+    """float32 locations next to pixel centres where one rounding of loc * W - 0.5 (an fma) and two
+    roundings (multiply, then subtract) fall on different sides of the centre, on a single row of
+    width W with value[x] = x**2, so that the location gradient tells which side was taken.
+
+    Returns the op's inputs and the expected x-gradients (the fma side)."""
+    import numpy as np
+
+    locs, widths = [], []
+    for W in (3, 5, 7, 11, 13, 25, 37, 100):
+        for k in range(W):
+            c = np.float32((k + 0.5) / W)
+            for steps in range(-4, 5):
+                x = np.float32(c)
+                for _ in range(abs(steps)):
+                    x = np.nextafter(x, np.float32(np.sign(steps) * 10))
+                fma = np.float32(np.float64(x) * W - 0.5)  # exact product and difference, one rounding
+                two = np.float32(np.float32(x * np.float32(W)) - np.float32(0.5))
+                if np.floor(fma) != np.floor(two):
+                    locs.append(float(x))
+                    widths.append(W)
+    assert locs, "no float32 location separates one rounding from two"
+    # One level per sample point would be awkward: use one level per distinct W.
+    Ws = sorted(set(widths))
+    ss = torch.tensor([[1, w] for w in Ws])
+    areas = ss.prod(1)
+    lsi = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    value = torch.cat([torch.arange(w, dtype=torch.float32) ** 2 for w in Ws]).view(1, -1, 1, 1)
+    L, P = len(Ws), max(widths.count(w) for w in Ws)
+    loc = torch.full((1, 1, 1, L, P, 2), 5.0)  # unused slots: outside
+    loc[..., 1] = 0.5  # y = 0: the row's centre line
+    expected = torch.zeros(1, 1, 1, L, P)
+    used = [0] * L
+    for x, w in zip(locs, widths):
+        lvl = Ws.index(w)
+        p = used[lvl]
+        used[lvl] += 1
+        loc[0, 0, 0, lvl, p, 0] = x
+        x0 = int(np.floor(np.float32(np.float64(np.float32(x)) * w - 0.5)))
+        v = lambda j: float(j * j) if 0 <= j < w else 0.0  # noqa: E731
+        expected[0, 0, 0, lvl, p] = w * (v(x0 + 1) - v(x0))  # attention weight 1, grad_output 1
+    attn = torch.ones(1, 1, 1, L, P)
+    return (value, ss, lsi, loc, attn), expected
+
+
+def test_pixel_coordinate_is_one_rounding():
+    """loc * W - 0.5 is one fma on CPU and CUDA alike, so both take the same one-sided location gradient
+    at pixel centres (nvcc contracts to an fma by itself; a CPU compiler may not)."""
+    (value, ss, lsi, loc, attn), expected = fma_discriminating_inputs()
+    loc.requires_grad_()
+    out = op(value, ss, lsi, loc, attn)
+    (g,) = torch.autograd.grad(out, loc, torch.ones_like(out))
+    inside = loc[..., 0] < 1
+    torch.testing.assert_close(g[..., 0][inside], expected[inside], rtol=1e-5, atol=1e-3)
+
+
+def test_cuda_backward_alert_logic(monkeypatch, capfd):
+    """The CUDA backward's choice, checked on the host: atomics by default; with
+    torch.use_deterministic_algorithms(True) the deterministic path; forcing atomics then alerts."""
+    def mode():
+        return "deterministic" if torch.ops.hybrid_detr._cuda_backward_deterministic() else "atomic"
+
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.delenv("HYBRID_DETR_CUDA_BACKWARD", raising=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.use_deterministic_algorithms(False)
+            assert mode() == "atomic"
+            torch.use_deterministic_algorithms(True)
+            assert mode() == "deterministic"
+        monkeypatch.setenv("HYBRID_DETR_CUDA_BACKWARD", "atomic")
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+            mode()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        capfd.readouterr()
+        assert mode() == "atomic"
+        # a C++ warning (TORCH_WARN): a custom op's call does not turn it into a Python warning
+        assert "ms_deform_attn_backward_cuda does not have a deterministic" in capfd.readouterr().err
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def test_setup_defaults(monkeypatch):
+    """Without a visible GPU setup.py builds every architecture CUDA 13 supports that users have
+    (Turing included), and on x86-64 the CPU kernels for the baseline, AVX2 and AVX-512."""
+    import importlib.util
+    import os
+    import platform
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("hybrid_detr_setup", os.path.join(root, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # setup() itself only runs under __main__
+    assert setup.DEFAULT_CUDA_ARCH_LIST == "7.5;8.0;8.6;8.9;9.0+PTX"
+    names = [name for name, _, _ in setup._cpu_isa_variants()]
+    assert names[0] == "baseline"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert names == ["baseline", "avx2", "avx512"]
+    cuda_home = setup._find_cuda_home()
+    if not (torch.version.cuda and cuda_home) or torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch, a CUDA toolkit and no visible GPU")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.delenv("HYBRID_DETR_NO_CUDA", raising=False)
+    setup.get_extensions(cuda_home)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;8.0;8.6;8.9;9.0+PTX"

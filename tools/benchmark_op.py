@@ -1,13 +1,22 @@
 """Benchmark of the compiled MSDeformAttn op against the pure-PyTorch reference.
 
-    python3 -m hybrid_detr.benchmark [--device cpu|cuda] [--dtype float32|float16|bfloat16|float64]
-                                     [--configs a,b] [--reps 7] [--threads N]
+    python3 tools/benchmark_op.py [--device cpu|cuda] [--dtype float32|float16|bfloat16|float64]
+                                  [--configs a,b,c] [--reps 7] [--threads N]
 
 Configs (Deformable DETR, d_model 256 = M 8 x D 32, 4 levels, 4 points):
   a: one encoder layer at a 512x512 input: levels 64x64, 32x32, 16x16, 8x8; Lq = S = 5440; N = 2
   b: one decoder layer at 800x1333: levels 100x167, 50x84, 25x42, 13x21 (S = 22,223); Lq = 300; N = 2
+  c: the same decoder layer with the many queries of DAC-DETR / Co-DETR training: Lq = 1800; N = 2
 Both implementations are timed in the same run (median of --reps after a warm-up); "fwd+bwd" is one
 forward plus the backward for value, sampling locations and attention weights.
+
+Bandwidth: "copy GB/s" is a STREAM-style copy (dst.copy_(src) of --copy-mib MiB, bytes read + written
+over time, median) on the same device and threads, measured before and after the table. "GB/s" of
+the op is its compulsory traffic over its time: every input read once and every output written
+once (forward: value, locations, weights, output; backward adds grad_output and the three
+gradients, grad_value counted as written in the accumulation type). The op also gathers 4 corner
+rows of D channels per sample, mostly from the caches: "gather GB/s" is those bytes over the time
+(forward: read; backward: value read + grad_value read and written).
 """
 import argparse
 import json
@@ -19,10 +28,17 @@ import time
 
 import torch
 
+# Run from a clone without installing: the package lives in projects/HybridDETR.
+_PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR")
+if os.path.isdir(_PROJECT) and _PROJECT not in sys.path:
+    sys.path.insert(0, _PROJECT)
+
 CONFIGS = {
     "a": dict(name="encoder 512x512", shapes=[(64, 64), (32, 32), (16, 16), (8, 8)], Lq=None, N=2, M=8, D=32, P=4),
     "b": dict(name="decoder 800x1333", shapes=[(100, 167), (50, 84), (25, 42), (13, 21)], Lq=300, N=2, M=8, D=32,
               P=4),
+    "c": dict(name="dec. 1800 q (DAC/Co)", shapes=[(100, 167), (50, 84), (25, 42), (13, 21)], Lq=1800, N=2, M=8,
+              D=32, P=4),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -124,7 +140,7 @@ def peak_memory_case(cfg, impl, mode, device, dtype):
             torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     job = dict(cfg=cfg, impl=impl, mode=mode, dtype=str(dtype).split(".")[-1], threads=torch.get_num_threads())
-    res = subprocess.run([sys.executable, "-m", "hybrid_detr.benchmark", "--_memory_job", json.dumps(job)],
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory_job", json.dumps(job)],
                          capture_output=True, text=True, env=os.environ.copy(), check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
@@ -146,15 +162,48 @@ def _memory_job(spec):
     print(max(0, _proc_status_bytes("VmHWM") - base))
 
 
+def copy_bandwidth(device, mib, reps=9):
+    """STREAM-style copy: bytes read + written per second (median of `reps`)."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def traffic_bytes(cfg, mode, dtype):
+    """(compulsory bytes, gathered corner bytes) of one call: see the module docstring."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    acc = max(elt, 4)
+    S = sum(h * w for h, w in cfg["shapes"])
+    N, M, D, P, L = cfg["N"], cfg["M"], cfg["D"], cfg["P"], len(cfg["shapes"])
+    Lq = cfg["Lq"] or S
+    value, out, samples = N * S * M * D, N * Lq * M * D, N * Lq * M * L * P
+    fwd = (value + 3 * samples + out) * elt
+    gather = samples * 4 * D * elt
+    if mode == "fwd":
+        return fwd, gather
+    bwd = (out + value + 3 * samples) * elt + value * acc + 3 * samples * elt
+    return fwd + bwd, gather + samples * 4 * D * (elt + 2 * acc)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--configs", default="a,b")
+    parser.add_argument("--configs", default="a,b,c")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copy bandwidth test (MiB)")
     parser.add_argument("--_memory_job", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a._memory_job:
@@ -164,7 +213,8 @@ def main(argv=None):
     from hybrid_detr.layers import extension_available
 
     if not extension_available():
-        sys.exit("hybrid_detr._C is not built: run `pip install --no-build-isolation --no-deps -e .`")
+        sys.exit("hybrid_detr._C is not built: run `pip install --no-build-isolation --no-deps -e .` "
+                 "(or `python setup.py build_ext --inplace`)")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU available")
     dtype = DTYPES[a.dtype]
@@ -181,7 +231,14 @@ def main(argv=None):
         print("peak memory: extra peak RSS of one call (first call, cold) over the inputs, each case in a fresh "
               "subprocess (/proc/self/status VmHWM after the call minus VmRSS before it, peak reset by "
               "/proc/self/clear_refs)")
+    if a.device == "cpu":
+        from hybrid_detr import _C
+
+        print(f"CPU kernels: {_C.cpu_kernel_isa()} (torch CPU capability {torch.backends.cpu.get_cpu_capability()})")
+    copy_before = copy_bandwidth(a.device, a.copy_mib)
+    print(f"copy bandwidth (STREAM-style copy, {a.copy_mib} MiB): {copy_before / 1e9:.1f} GB/s")
     header = (f"{'config':<22}{'pass':<9}{'ours ms':>10}{'ref ms':>10}{'speed-up':>10}"
+              f"{'GB/s':>8}{'% copy':>8}{'gather GB/s':>12}"
               f"{'ours MiB':>10}{'ref MiB':>10}{'mem ratio':>10}")
     print(header)
     print("-" * len(header))
@@ -198,10 +255,16 @@ def main(argv=None):
                 m_ours = peak_memory_case(cfg, "ours", mode, a.device, dtype) / 2**20
                 m_ref = peak_memory_case(cfg, "ref", mode, a.device, dtype) / 2**20
                 mem = f"{m_ours:>10.1f}{m_ref:>10.1f}{m_ref / max(m_ours, 1e-9):>9.1f}x"
-            print(f"{label:<22}{mode:<9}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>9.2f}x{mem}",
+            compulsory, gathered = traffic_bytes(cfg, mode, dtype)
+            bw = f"{compulsory / t_ours / 1e9:>8.1f}{100 * compulsory / t_ours / copy_before:>7.0f}%" \
+                 f"{gathered / t_ours / 1e9:>12.1f}"
+            print(f"{label:<22}{mode:<9}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>9.2f}x{bw}{mem}",
                   flush=True)
         print(f"{'':<22}S={S}, Lq={cfg['Lq'] or S}, N={cfg['N']}, M={cfg['M']}, D={cfg['D']}, "
               f"L={len(cfg['shapes'])}, P={cfg['P']}")
+    copy_after = copy_bandwidth(a.device, a.copy_mib)
+    print(f"copy bandwidth after the table: {copy_after / 1e9:.1f} GB/s (before: {copy_before / 1e9:.1f} GB/s; "
+          "% copy uses the one before)")
 
 
 if __name__ == "__main__":
