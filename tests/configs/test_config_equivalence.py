@@ -27,6 +27,9 @@ def _flatten(node, prefix=""):
         ("quickstart/dac_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dac"}),
         ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "smca"}),
         ("quickstart/co_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "co_detr"}),
+        ("quickstart/dense_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dense"}),
+        # dense vs smca: the Gaussian prior is the only difference
+        ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/dense_detr_r18_synthetic.yaml", {MODE: "smca"}),
         # the papers' "Deformable-DETR" rows are two-stage + box refinement ("++")
         ("coco/dac_deformable_detr_r50_12ep.yaml", "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml", {MODE: "dac"}),
         (

@@ -1,8 +1,10 @@
-"""SMCA: Gaussian-modulated co-attention (dense) and "deformable SMCA"."""
+"""SMCA: Gaussian-modulated co-attention (dense), "deformable SMCA", and the `dense` mode (SMCA's
+co-attention without the prior). Parity with the official release: test_parity_smca.py."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 from hybrid_detr.modeling.smca import (
@@ -13,8 +15,10 @@ from hybrid_detr.modeling.smca import (
 from hybrid_detr.modeling.token_layout import EncoderMemory, LevelLayout
 from model_helpers import synthetic_batch, tiny_cfg
 
-# Two levels; image 1 of the batch is padded (valid 4 x 5 of 6 x 8, and 2 x 3 of 3 x 4).
+# Two levels (strides 16 and 32); image 1 of the batch is padded (valid 4 x 5 of 6 x 8, and 2 x 3
+# of 3 x 4).
 SHAPES = [(6, 8), (3, 4)]
+STRIDES = (16, 32)
 VALID = [[(6, 8), (3, 4)], [(4, 5), (2, 3)]]
 
 
@@ -52,7 +56,8 @@ def dense_attention_without_prior(module: SMCACrossAttention, query, memory: Enc
     n, q, c = query.shape
     m, d = module.n_heads, c // module.n_heads
     qs = module.q_proj(query).view(n, q, m, d)
-    alpha = module.scale_selection(query).view(n, q, m, -1).softmax(-1)
+    selection = module.scale_selection
+    alpha = F.linear(query, selection.weight, selection.bias).view(n, q, selection.groups, -1).softmax(-1)
     out = 0
     for i, level in enumerate(module.levels):
         h, w = SHAPES[level]
@@ -67,18 +72,27 @@ def dense_attention_without_prior(module: SMCACrossAttention, query, memory: Enc
     return module.out_proj(out.reshape(n, q, c))
 
 
-def test_flat_prior_is_dense_attention():
+@pytest.mark.parametrize("per_head_selection", [False, True])
+def test_flat_prior_is_dense_attention(per_head_selection):
     torch.manual_seed(0)
     memory = make_memory(32)
     query = torch.randn(2, 7, 32)
     reference = torch.rand(2, 7, 2)
-    flat = randomize(SMCACrossAttention(32, 4, [0, 1], beta=1e12, unit_level=1)).eval()
+    kwargs = dict(level_strides=STRIDES, scale_selection_per_head=per_head_selection)
+    flat = randomize(SMCACrossAttention(32, 4, [0, 1], beta=1e12, **kwargs)).eval()
     expected = dense_attention_without_prior(flat, query, memory)
     torch.testing.assert_close(flat(query, None, memory, reference), expected, rtol=1e-5, atol=1e-5)
     # With the official beta the prior does change the result.
-    modulated = SMCACrossAttention(32, 4, [0, 1], beta=8.0, unit_level=1).eval()
+    modulated = SMCACrossAttention(32, 4, [0, 1], beta=8.0, **kwargs).eval()
     modulated.load_state_dict(flat.state_dict())
     assert not torch.allclose(modulated(query, None, memory, reference), expected, atol=1e-3)
+    # The `dense` mode's module (no prior) with the same weights is the flat-prior SMCA.
+    dense = SMCACrossAttention(32, 4, [0, 1], prior=False, **kwargs).eval()
+    assert dense.prior is None
+    missing, unexpected = dense.load_state_dict(flat.state_dict(), strict=False)
+    assert not missing and all(k.startswith("prior.") for k in unexpected)
+    torch.testing.assert_close(dense(query, None, memory, reference), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense(query, None, memory, None), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_log_prior_formula():
@@ -107,13 +121,14 @@ def test_gaussian_peaks_at_center_and_falls_off_with_scale():
     variance beta * s^2 / 2 in each axis, per head."""
     h, w, beta = 40, 48, 8.0
     memory = _single_level_memory(h, w, 8)
-    attention = SMCACrossAttention(8, 2, [0], beta=beta, unit_level=0).eval()
+    attention = SMCACrossAttention(8, 2, [0], beta=beta, level_strides=(32,), key_at_cell_center=True).eval()
     s = torch.tensor([[1.0, 2.0], [1.5, 0.75]])  # per head (s_w, s_h), in cells
     offsets = torch.tensor([[0.0, 0.0], [3.0, -2.0]])  # per head, in cells
     with torch.no_grad():
         attention.k_proj.weight.zero_()
         attention.v_proj.weight.copy_(torch.eye(8))
         attention.out_proj.weight.copy_(torch.eye(8))
+        attention.prior.center_offsets.weight.zero_()
         attention.prior.center_offsets.bias.copy_(offsets.flatten())
         attention.prior.inverse_scales.bias.copy_((1 / s).flatten())
     reference = torch.tensor([[[0.45, 0.55]]])  # normalised; the unit level is this level
@@ -124,23 +139,25 @@ def test_gaussian_peaks_at_center_and_falls_off_with_scale():
     torch.testing.assert_close(variance, beta * s**2 / 2, rtol=1e-3, atol=1e-3)
 
     # The bias itself: 0 at the center, log G = -(dx^2/(beta s_w^2) + dy^2/(beta s_h^2)) elsewhere.
-    cells = torch.tensor([[float(w), float(h)]])
     centers = torch.tensor([[[[10.5, 20.5]]]])  # (N, Q, G, 2): exactly the centre of key (20, 10)
     inverse = 1 / torch.tensor([[[[2.0, 4.0]]]])
-    bias = attention.prior.level_bias(centers, inverse, (h, w), torch.ones(1, 2), cells).view(h, w)
+    bias = attention.prior.level_bias(centers, inverse, memory, 0).view(h, w)
     assert bias.flatten().argmax() == 20 * w + 10 and bias[20, 10] == 0
     assert math.isclose(bias[20, 13].item(), -(3**2) / (beta * 2.0**2), rel_tol=1e-6)
     assert math.isclose(bias[25, 10].item(), -(5**2) / (beta * 4.0**2), rel_tol=1e-6)
     # A larger scale falls off more slowly.
-    wide = attention.prior.level_bias(centers, inverse / 2, (h, w), torch.ones(1, 2), cells).view(h, w)
+    wide = attention.prior.level_bias(centers, inverse / 2, memory, 0).view(h, w)
     assert wide[20, 13] > bias[20, 13] and math.isclose(wide[20, 13].item(), bias[20, 13].item() / 4, rel_tol=1e-6)
 
 
-def test_deformable_prior_at_sampling_locations():
-    """Deformable SMCA adds log G at each sampling location: 0 where a point sits on the center."""
+@pytest.mark.parametrize("key_at_cell_center", [False, True])
+def test_deformable_prior_at_sampling_locations(key_at_cell_center):
+    """Deformable SMCA adds log G at each sampling location; a location at a key's centre gets that
+    key's log G in the dense co-attention (same prior, same weights)."""
     torch.manual_seed(0)
     memory = make_memory(16)
-    attention = DeformableSMCACrossAttention(16, 2, 2, 3, beta=8.0, unit_level=1)
+    kwargs = dict(level_strides=STRIDES, key_at_cell_center=key_at_cell_center)
+    attention = randomize(DeformableSMCACrossAttention(16, 2, 2, 3, beta=8.0, **kwargs))
     reference = torch.rand(2, 5, 2) * 0.8 + 0.1
     query = torch.randn(2, 5, 16)
     captured = {}
@@ -151,16 +168,17 @@ def test_deformable_prior_at_sampling_locations():
     attention.attn.register_forward_hook(spy, with_kwargs=True)
     reference_points = reference[:, :, None] * memory.valid_ratios[:, None]
     attention(query, reference_points, memory, reference)
-    # Sampling exactly at each level's scaled reference point = the (zero-offset) center.
-    locations = reference_points[:, :, None, :, None, :].expand(2, 5, 2, 2, 3, 2)
-    torch.testing.assert_close(captured["log_prior"](locations), torch.zeros(2, 5, 2, 2, 3), atol=1e-5, rtol=0)
-    # One unit cell to the right in the valid frame: -(1)^2 / beta.
-    cells = memory.valid_ratios[:, 1] * torch.tensor([4.0, 3.0])
-    shifted = locations.clone()
-    shifted[..., 0] += (memory.valid_ratios[:, None, None, :, None, 0] / cells[:, None, None, None, None, 0])
-    torch.testing.assert_close(
-        captured["log_prior"](shifted), torch.full((2, 5, 2, 2, 3), -1 / 8.0), atol=1e-5, rtol=1e-5
-    )
+    dense = SMCACrossAttention(16, 2, [0, 1], beta=8.0, **kwargs)
+    dense.prior.load_state_dict(attention.prior.state_dict())
+    centers, inverse = dense.prior(query, reference, memory)
+    for level, (h, w) in enumerate(SHAPES):
+        bias = dense.prior.level_bias(centers[:, :, level], inverse[:, :, level], memory, level)  # (N, M, Q, HW)
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        key_centres = torch.stack((xs.flatten() / w, ys.flatten() / h), -1)  # (HW, 2), padded frame
+        # locations (N, Q, M, L, P, 2): every key centre of this level as P points, on both levels
+        locations = key_centres[None, None, None, None].expand(2, 5, 2, 2, h * w, 2)
+        at_keys = captured["log_prior"](locations)[:, :, :, level]  # (N, Q, M, HW)
+        torch.testing.assert_close(at_keys, bias.permute(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("deformable", [False, True])
@@ -168,9 +186,9 @@ def test_padding_is_ignored(deformable):
     torch.manual_seed(0)
     memory = make_memory(32)
     if deformable:
-        attention = randomize(DeformableSMCACrossAttention(32, 2, 4, 2, unit_level=1))
+        attention = randomize(DeformableSMCACrossAttention(32, 2, 4, 2, level_strides=STRIDES))
     else:
-        attention = randomize(SMCACrossAttention(32, 4, [0, 1], unit_level=1))
+        attention = randomize(SMCACrossAttention(32, 4, [0, 1], level_strides=STRIDES))
     attention.eval()
     query, reference = torch.randn(2, 6, 32), torch.rand(2, 6, 2)
     reference_points = reference[:, :, None] * memory.valid_ratios[:, None]
@@ -189,11 +207,11 @@ def test_gradients_reach_center_and_scale_predictors(deformable):
     torch.manual_seed(0)
     memory = make_memory(32)
     if deformable:
-        attention = DeformableSMCACrossAttention(32, 2, 4, 2, unit_level=1)
+        attention = DeformableSMCACrossAttention(32, 2, 4, 2, level_strides=STRIDES)
         with torch.no_grad():  # non-uniform logits, so the prior's gradient is not zero
             attention.attn.attention_weights.weight.normal_(std=0.3)
     else:
-        attention = SMCACrossAttention(32, 4, [0, 1], unit_level=1)
+        attention = SMCACrossAttention(32, 4, [0, 1], level_strides=STRIDES)
     reference = torch.rand(2, 6, 2).requires_grad_()
     reference_points = reference.detach()[:, :, None] * memory.valid_ratios[:, None]
     attention(torch.randn(2, 6, 32), reference_points, memory, reference).square().sum().backward()
@@ -231,8 +249,17 @@ def _train_and_infer(cfg):
         {"PER_HEAD": False, "LEVELS": [1, 2, 3]},
         {"DEFORMABLE": True},
         {"DEFORMABLE": True, "PER_HEAD": False},
+        {"LEVEL_PRIORS": False, "KEY_AT_CELL_CENTER": True, "SCALE_SELECTION_PER_HEAD": True},
+        {"DEFORMABLE": True, "LEVEL_PRIORS": False, "KEY_AT_CELL_CENTER": True},
     ],
-    ids=["smca", "smca-shared-head-3-levels", "deformable-smca", "deformable-smca-shared-head"],
+    ids=[
+        "smca",
+        "smca-shared-head-3-levels",
+        "deformable-smca",
+        "deformable-smca-shared-head",
+        "smca-ours-options",
+        "deformable-smca-ours-options",
+    ],
 )
 def test_training_step_and_inference(overrides):
     cfg = tiny_cfg(DECODER_MODE="smca")
@@ -269,7 +296,7 @@ def test_flop_handle_counts_the_dense_attention():
     class Wrapper(torch.nn.Module):  # tracing takes tensors only
         def __init__(self):
             super().__init__()
-            self.attention = SMCACrossAttention(32, 4, [0, 1], unit_level=1).eval()
+            self.attention = SMCACrossAttention(32, 4, [0, 1], level_strides=STRIDES).eval()
 
         def forward(self, query, reference, tokens, valid_ratios, padding_mask, position):
             return self.attention(
@@ -283,3 +310,37 @@ def test_flop_handle_counts_the_dense_attention():
     # Q K^T and attention x V: N x heads x Q x S x (2 x head dim), over both levels.
     expected = 2 * 4 * 7 * sum(h * w for h, w in SHAPES) * (8 + 8)
     assert analysis.by_operator()["scaled_dot_product_attention"] == expected
+
+
+def test_dense_mode_trains_and_infers():
+    """DECODER_MODE "dense": SMCA's co-attention module without the prior, in every layer."""
+    model, losses = _train_and_infer(tiny_cfg(DECODER_MODE="dense"))
+    for layer in model.decoder.layers:
+        assert isinstance(layer.cross_attn, SMCACrossAttention) and layer.cross_attn.prior is None
+    assert model.decoder.layers[0].cross_attn.q_proj.weight.grad.abs().sum() > 0
+    assert not any(k.startswith("dac_") for k in losses)
+
+
+def test_dense_mode_equals_smca_with_flat_prior():
+    """The same weights in a "dense" model and an "smca" model with a huge BETA give the same
+    predictions (the prior's own weights are the only extra parameters of smca)."""
+    dense_cfg = tiny_cfg(DECODER_MODE="dense")
+    smca_cfg = tiny_cfg(DECODER_MODE="smca")
+    smca_cfg.MODEL.HYBRID_DETR.SMCA.BETA = 1e12
+    torch.manual_seed(0)
+    smca = build_model(smca_cfg).eval()
+    dense = build_model(dense_cfg).eval()
+    missing, unexpected = dense.load_state_dict(smca.state_dict(), strict=False)
+    assert not missing and unexpected and all(".cross_attn.prior." in k for k in unexpected)
+    with torch.no_grad():
+        a, b = smca(synthetic_batch()), dense(synthetic_batch())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x["instances"].scores, y["instances"].scores, rtol=1e-4, atol=1e-4)
+    # With the official BETA the smca model differs.
+    smca_cfg.MODEL.HYBRID_DETR.SMCA.BETA = 8.0
+    modulated = build_model(smca_cfg).eval()
+    modulated.load_state_dict(smca.state_dict())
+    with torch.no_grad():
+        c = modulated(synthetic_batch())
+    assert not torch.allclose(c[0]["instances"].scores, b[0]["instances"].scores, atol=1e-4)

@@ -8,23 +8,32 @@ The paper's pieces and where they are here:
 - the Gaussian-like weight map per query (`prior.py`): center predicted once from the initial query
   by a sigmoid, shared by the heads; in our Deformable-DETR setting that prediction is the query's
   reference point (learned queries: Linear + sigmoid on the query embedding; it moves from layer to
-  layer with box refinement; the proposal's centre in two-stage mode). Each layer predicts, from its
-  current query, per-head offsets of that center and per-head scales; log G = -(dx^2 / (beta s_w^2)
-  + dy^2 / (beta s_h^2)) is added to the attention logits before the softmax; beta = SMCA.BETA (8);
-  SMCA.PER_HEAD: one map per head (the paper's multi-head variant) or one shared by all heads;
+  layer with box refinement; the proposal's centre in two-stage mode; the official release predicts
+  it once in decoder layer 0 by an MLP and keeps it: see `prior.py`). Each layer predicts, from its
+  current query, offsets of that center and scales per head and per level; log G = -factor *
+  (dx^2 / (beta s_w^2) + dy^2 / (beta s_h^2)) is added to the attention logits before the softmax;
+  beta = SMCA.BETA (8); SMCA.PER_HEAD: one map per head (the paper's multi-head variant) or one
+  shared by all heads;
 - multi-scale co-attention with scale selection (`co_attention.py`);
-- box prediction around the initial center: the official model adds the center's logit to the box
-  head's (cx, cy) output before the sigmoid; the shared `PredictionHeads.predict` computes exactly
-  `sigmoid(delta + inverse_sigmoid(reference))` with the same reference that centres this layer's
-  Gaussian, so nothing SMCA-specific is needed there;
+- box prediction around the center: the official model adds the layer-0 center's logit to every
+  layer's box-head (cx, cy) output before the sigmoid; the shared `PredictionHeads.predict`
+  computes `sigmoid(delta + inverse_sigmoid(reference))` with the same reference that centres this
+  layer's Gaussian (fixed across layers without box refinement, as in the release; refined layer by
+  layer with WITH_BOX_REFINE, unlike the release), so nothing SMCA-specific is needed there;
 - "deformable SMCA" (`deformable_smca.py`, SMCA.DEFORMABLE: True), our own variant: the prior
-  modulates deformable attention instead of dense co-attention.
+  modulates deformable attention instead of dense co-attention;
+- `DECODER_MODE: "dense"` (`dense.py`): the same co-attention with the prior switched off, the
+  baseline SMCA's claim is measured against.
+
+Parity with the official multi-scale release: `prior.py` (units, offsets, scales, init, what
+differs) and `co_attention.py` (scale selection, levels).
 """
 from ..modes import register_decoder_mode
-from .co_attention import SMCACrossAttention, smca_levels
+from .co_attention import ScaleSelection, SMCACrossAttention, smca_levels
 from .config import add_smca_config
 from .deformable_smca import DeformableSMCACrossAttention, GaussianModulatedMSDeformAttn
-from .prior import GaussianPrior, distance_unit_level, gaussian_log_prior, unit_cells
+from .dense import build_dense_cross_attention
+from .prior import GaussianPrior, distance_unit_level, feature_level_strides, gaussian_log_prior, level_units
 
 __all__ = [
     "SMCACrossAttention",
@@ -33,7 +42,10 @@ __all__ = [
     "GaussianPrior",
     "gaussian_log_prior",
     "distance_unit_level",
-    "unit_cells",
+    "feature_level_strides",
+    "level_units",
+    "ScaleSelection",
+    "build_dense_cross_attention",
     "smca_levels",
     "add_smca_config",
     "build_smca_cross_attention",
@@ -49,3 +61,4 @@ def build_smca_cross_attention(cfg):
 
 
 register_decoder_mode("smca", cross_attention=build_smca_cross_attention)
+register_decoder_mode("dense", cross_attention=build_dense_cross_attention)

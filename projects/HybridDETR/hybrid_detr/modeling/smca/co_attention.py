@@ -1,11 +1,23 @@
 """SMCA's co-attention: dense multi-head attention from the decoder queries to the deformable
 encoder's multi-scale memory, each head's logits modulated by the Gaussian prior (`prior.py`).
 
-Scale-selective attention, as in the paper's multi-scale model: a softmax over the keys of each
-level separately, the per-level results weighted by alpha = softmax(FC(query)) over the levels (one
-alpha per head here), over the encoder levels SMCA.LEVELS (default: all). One
+Scale-selective attention, as in the official multi-scale release: a softmax over the keys of each
+level separately (padded keys masked), the per-level results weighted by alpha = softmax(FC(query))
+over the levels: one alpha per query and level, shared by the heads (the release's `point4`, a
+Linear with xavier weight; `SMCA.SCALE_SELECTION_PER_HEAD: True`, ours, gives one per head). The
+release indexes its alpha with batch element 0 for every image of a batch (`scale_attention[:, 0,
+k]`); its published commands train with one image per GPU, where that is per image, as here. One
 `scaled_dot_product_attention` per level with the additive bias log G (padded keys: -inf); no loop
 over queries or heads. Its memory cost is in MODEL_ZOO.md ("SMCA memory").
+
+Levels: the release's decoder attends to 4 levels (strides 16, 16, 32, 64): its stride-8 encoder
+output is first convolved to stride 16 (one 3x3 stride-2 conv shared by all decoder layers, keys
+with the stride-16 position and level embedding). Here the decoder attends to the encoder levels
+SMCA.LEVELS (default: all, strides 8, 16, 32, 64 in the COCO config) directly: that conv would be a
+module of the transformer shared by the decoder layers, which this per-layer cross-attention cannot
+hold. The prior of the stride-8 level is the one the release gives that slot (`prior.py`).
+
+With `prior=False` this is the `dense` decoder mode (`dense.py`): the same attention without log G.
 """
 from typing import List, Sequence
 
@@ -14,9 +26,9 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..token_layout import EncoderMemory
-from .prior import GaussianPrior, prior_config, unit_cells
+from .prior import GaussianPrior, prior_config
 
-__all__ = ["SMCACrossAttention", "smca_levels"]
+__all__ = ["SMCACrossAttention", "ScaleSelection", "smca_levels"]
 
 
 def smca_levels(levels: Sequence[int], num_levels: int) -> List[int]:
@@ -28,6 +40,26 @@ def smca_levels(levels: Sequence[int], num_levels: int) -> List[int]:
             f"(NUM_FEATURE_LEVELS = {num_levels}), or [] for all, got {levels}"
         )
     return sorted(levels)
+
+
+class ScaleSelection(nn.Linear):
+    """alpha = softmax over levels of FC(query): (N, Q, levels) shared by the heads (the release),
+    or (N, Q, heads, levels) with `per_head`. Init as the release's: xavier weight, default bias."""
+
+    def __init__(self, d_model: int, n_heads: int, num_levels: int, per_head: bool = False):
+        groups = n_heads if per_head else 1
+        super().__init__(d_model, groups * num_levels)
+        self.num_levels, self.groups = num_levels, groups
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, query):
+        """-> (N, M or 1, Q, levels), ready to weight (N, M, Q, D) per-level outputs."""
+        n, q, _ = query.shape
+        alpha = super().forward(query).view(n, q, self.groups, self.num_levels).softmax(-1)
+        return alpha.permute(0, 2, 1, 3)
 
 
 class SMCACrossAttention(nn.Module):
@@ -44,14 +76,17 @@ class SMCACrossAttention(nn.Module):
         beta: float = 8.0,
         per_head: bool = True,
         dropout: float = 0.0,
-        unit_level: int = 2,
+        level_strides: Sequence[int] = (8, 16, 32, 64),
+        level_priors: bool = True,
+        key_at_cell_center: bool = False,
+        scale_selection_per_head: bool = False,
+        prior: bool = True,
     ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"HIDDEN_DIM ({d_model}) must be divisible by NHEADS ({n_heads})")
         self.d_model, self.n_heads = d_model, n_heads
         self.levels = list(levels)
-        self.unit_level = unit_level
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
@@ -60,40 +95,46 @@ class SMCACrossAttention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
-        self.prior = GaussianPrior(d_model, n_heads, per_head, beta)
-        # Scale selection (starts uniform); not needed for a single level.
-        self.scale_selection = nn.Linear(d_model, n_heads * len(self.levels)) if len(self.levels) > 1 else None
-        if self.scale_selection is not None:
-            nn.init.zeros_(self.scale_selection.weight)
-            nn.init.zeros_(self.scale_selection.bias)
+        # The prior over the attended levels (None: the `dense` mode, plain co-attention).
+        strides = [level_strides[level] for level in self.levels]
+        self.prior = (
+            GaussianPrior(d_model, n_heads, per_head, beta, strides, level_priors, key_at_cell_center, self.levels)
+            if prior
+            else None
+        )
+        # Scale selection; not needed for a single level.
+        self.scale_selection = (
+            ScaleSelection(d_model, n_heads, len(self.levels), scale_selection_per_head) if len(self.levels) > 1 else None
+        )
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, prior: bool = True):
         m = cfg.MODEL.HYBRID_DETR
         return {
             "d_model": m.HIDDEN_DIM,
             "n_heads": m.NHEADS,
             "levels": smca_levels(m.SMCA.LEVELS, m.NUM_FEATURE_LEVELS),
             "dropout": m.DROPOUT,
+            "scale_selection_per_head": m.SMCA.SCALE_SELECTION_PER_HEAD,
+            "prior": prior,
             **prior_config(cfg),
         }
 
     def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):
         """query (N, Q, C) content + position; query_reference (N, Q, 2|4) normalised to the valid
         image (its (x, y) is the Gaussian's base center). `reference_points` is not used."""
-        if query_reference is None:
+        if query_reference is None and self.prior is not None:
             raise ValueError("SMCACrossAttention needs query_reference (the queries' centers)")
         if memory.position is None:
             raise ValueError("SMCACrossAttention needs EncoderMemory.position (the keys' position embedding)")
         n, q, c = query.shape
         m, d = self.n_heads, c // self.n_heads
-        cells = unit_cells(memory, self.unit_level)
-        centers, inverse_scales = self.prior(query, query_reference[..., :2], cells)
+        if self.prior is not None:  # (N, Q, levels, G, 2) each
+            centers, inverse_scales = self.prior(query, query_reference[..., :2], memory)
 
         queries = self.q_proj(query).view(n, q, m, d).transpose(1, 2)  # (N, M, Q, D)
         if self.scale_selection is not None:
-            alpha = self.scale_selection(query).view(n, q, m, len(self.levels)).softmax(-1)
-            alpha = alpha.permute(0, 2, 1, 3)  # (N, M, Q, levels)
+            alpha = self.scale_selection(query)  # (N, M or 1, Q, levels)
         dropout = self.dropout if self.training else 0.0
         out = None
         for i, level in enumerate(self.levels):
@@ -102,8 +143,12 @@ class SMCACrossAttention(nn.Module):
             content = memory.memory[:, tokens]
             keys = self.k_proj(content + memory.position[:, tokens]).view(n, h * w, m, d).transpose(1, 2)
             values = self.v_proj(content).view(n, h * w, m, d).transpose(1, 2)
-            bias = self.prior.level_bias(centers, inverse_scales, (h, w), memory.valid_ratios[:, level], cells)
-            bias = bias.to(queries.dtype).masked_fill(memory.padding_mask[:, None, None, tokens], float("-inf"))
+            padding = memory.padding_mask[:, None, None, tokens]
+            if self.prior is not None:
+                bias = self.prior.level_bias(centers[:, :, i], inverse_scales[:, :, i], memory, i)
+                bias = bias.to(queries.dtype).masked_fill(padding, float("-inf"))
+            else:
+                bias = ~padding  # boolean mask: True = attend
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, dropout_p=dropout)
             if self.scale_selection is not None:
                 attended = attended * alpha[..., i : i + 1]
@@ -111,7 +156,4 @@ class SMCACrossAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(n, q, c))
 
     def extra_repr(self):
-        return (
-            f"d_model={self.d_model}, n_heads={self.n_heads}, levels={self.levels}, beta={self.prior.beta}, "
-            f"gaussians_per_query={self.prior.groups}, unit_level={self.unit_level}"
-        )
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, levels={self.levels}, prior={self.prior is not None}"

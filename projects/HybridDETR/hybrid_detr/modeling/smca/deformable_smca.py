@@ -1,7 +1,9 @@
 """'Deformable SMCA' (SMCA.DEFORMABLE: True), our own variant with no public implementation: the
-decoder keeps deformable attention, and SMCA's Gaussian prior (center = the query's reference point
-+ per-head offsets, per-head scales) adds log G at each sampling location to the deformable
-attention logits before their softmax. Memory as the baseline."""
+decoder keeps deformable attention, and SMCA's Gaussian prior (`prior.py`: center = the query's
+reference point + offsets per head and level, scales per head and level, each level measured in its
+own cells with the release's factors) adds log G at each sampling location to the deformable
+attention logits before their softmax. A sampling location at a key's centre gets that key's log G
+in the dense co-attention. Memory as the baseline."""
 from typing import Callable, Optional
 
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 from ...layers import MSDeformAttn
 from ..token_layout import EncoderMemory
-from .prior import GaussianPrior, prior_config, unit_cells
+from .prior import GaussianPrior, prior_config
 
 __all__ = ["DeformableSMCACrossAttention", "GaussianModulatedMSDeformAttn"]
 
@@ -46,11 +48,22 @@ class DeformableSMCACrossAttention(nn.Module):
     Gaussian prior (center = the query's reference point + per-head offsets, per-head scales)."""
 
     @configurable
-    def __init__(self, d_model, n_levels, n_heads, n_points, beta=8.0, per_head=True, unit_level=2):
+    def __init__(
+        self,
+        d_model,
+        n_levels,
+        n_heads,
+        n_points,
+        beta=8.0,
+        per_head=True,
+        level_strides=(8, 16, 32, 64),
+        level_priors=True,
+        key_at_cell_center=False,
+    ):
         super().__init__()
         self.attn = GaussianModulatedMSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.prior = GaussianPrior(d_model, n_heads, per_head, beta)
-        self.unit_level = unit_level
+        strides = list(level_strides)[:n_levels]
+        self.prior = GaussianPrior(d_model, n_heads, per_head, beta, strides, level_priors, key_at_cell_center)
 
     @classmethod
     def from_config(cls, cfg):
@@ -66,15 +79,16 @@ class DeformableSMCACrossAttention(nn.Module):
     def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):
         if query_reference is None:
             raise ValueError("DeformableSMCACrossAttention needs query_reference (the queries' centers)")
-        cells = unit_cells(memory, self.unit_level)
-        centers, inverse_scales = self.prior(query, query_reference[..., :2], cells)
-        # Sampling locations are in each level's padded frame: divide by the valid ratio to get the
-        # valid-image frame, then scale to unit cells. -> (N, Q, M, L, P, 2)
-        to_cells = cells[:, None, None, None, :] / memory.valid_ratios[:, None, :, None, :]  # (N,1,L,1,2)
+        centers, inverse_scales = self.prior(query, query_reference[..., :2], memory)  # (N, Q, L, G, 2)
+        # -> (N, Q, G, L, 1, 2), against sampling locations (N, Q, M, L, P, 2) (G = M or 1)
+        centers = centers.transpose(2, 3)[:, :, :, :, None]
+        inverse_scales = inverse_scales.transpose(2, 3)[:, :, :, :, None]
+        level_shapes = memory.spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) as (w, h)
+        factors = query.new_tensor(self.prior.factors)[:, None]  # (L, 1)
 
         def log_prior(locations):
-            points = locations * to_cells[:, :, None]
-            return self.prior.log_density(points, centers[:, :, :, None, None], inverse_scales[:, :, :, None, None])
+            points = self.prior.level_points(locations, level_shapes)
+            return self.prior.log_density(points, centers, inverse_scales, factors)
 
         return self.attn(
             query,
