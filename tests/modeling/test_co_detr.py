@@ -96,8 +96,9 @@ SIZES = torch.tensor([[100, 50], [100, 50]])  # (h, w)
 
 
 def test_pack_positives_clamps_the_count_and_masks_padding():
+    # (Masked padding: no negatives given, i.e. ZERO_PADDING; "best" subset by score.)
     # 3 positives in image 0, none in image 1: M = clamp(3, 9, 300) = 9.
-    packed = pack_positives(positives([0, 0, 0], score=[0.2, 0.9, 0.5]), 2, SIZES, 9, 300)
+    packed = pack_positives(positives([0, 0, 0], score=[0.2, 0.9, 0.5]), 2, SIZES, 9, 300, subset="best")
     assert packed.num_queries == 9
     assert packed.padding_mask.tolist() == [[False] * 3 + [True] * 6, [True] * 9]
     assert packed.assignment.batch_index.tolist() == [0, 0, 0]
@@ -109,14 +110,14 @@ def test_pack_positives_clamps_the_count_and_masks_padding():
     packed = pack_positives(positives([0] * 4 + [1] * 20), 2, SIZES, 9, 300)
     assert packed.num_queries == 20 and (~packed.padding_mask).sum(1).tolist() == [4, 20]
     # More than MAX: M = 300, the best 300 kept.
-    packed = pack_positives(positives([1] * 310 + [0]), 2, SIZES, 9, 300)
+    packed = pack_positives(positives([1] * 310 + [0]), 2, SIZES, 9, 300, subset="best")
     assert packed.num_queries == 300 and (~packed.padding_mask).sum(1).tolist() == [1, 300]
     kept = packed.assignment.query_index[packed.assignment.batch_index == 1]
     assert kept.tolist() == list(range(300)) and len(packed.assignment) == 301
     # Content features follow their positive (with gradient).
     pos = positives([0, 1, 1])
     pos.features.requires_grad_(True)
-    packed = pack_positives(pos, 2, SIZES, 9, 300)
+    packed = pack_positives(pos, 2, SIZES, 9, 300, subset="best")
     assert torch.equal(packed.features[1, 0], pos.features[2]) and torch.equal(packed.features[0, 1], torch.zeros(8))
     packed.features.sum().backward()
     assert pos.features.grad.eq(1).all()

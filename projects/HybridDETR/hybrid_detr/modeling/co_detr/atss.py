@@ -1,6 +1,17 @@
 """ATSS (Zhang et al., CVPR 2020) as Co-DETR's first auxiliary head: one square anchor per
 location, Adaptive Training Sample Selection, focal + GIoU + centerness losses.
 
+Settings as the official Co-Deformable-DETR R-50 config (Sense-X/Co-DETR,
+projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py lines 126-150, 199) and
+its head (projects/models/co_atss_head.py): anchors of side 8 * stride centred at
+(i + offset) * stride (mmdet's center_offset 0 by default), one 3x3 conv + GN + ReLU per tower,
+deltas with means 0 and stds (0.1, 0.1, 0.2, 0.2) decoded before a GIoU loss (reg_decoded_bbox),
+the GIoU of each positive weighted by its centerness target and normalised by their sum,
+focal (alpha 0.25, gamma 2) and centerness BCE normalised by sum over images of
+max(positives, 1) (co_atss_head.py line 365), loss weights 1 / 2 / 1 (times lambda2 * decoder
+layers in the branch). Anchors whose location lies on an image's padding are invalid (mmdet's
+valid flags; allowed_border -1): never positive, no loss.
+
 The assigner is vectorised over the batch: ground truths are padded to the largest count in the
 batch (with a validity mask), so one set of tensor ops assigns every image at once.
 """
@@ -20,7 +31,7 @@ from ..box_ops import pad_targets
 from ..criterion import mean_across_workers
 from ..token_layout import LevelLayout
 from .adapter import group_norm
-from .positive_queries import AuxPositives, image_sizes_tensor
+from .positive_queries import AuxNegatives, AuxPositives, image_sizes_tensor
 
 
 @dataclass
@@ -137,13 +148,16 @@ class ATSSHead(nn.Module):
         class_weight: float = 1.0,
         giou_weight: float = 2.0,
         centerness_weight: float = 1.0,
+        anchor_offset: float = 0.0,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.strides = list(strides)
-        # One anchor per location, centred on the cell (the token the encoder computed there).
+        # One anchor per location, centred at (i + anchor_offset) * stride: mmdet's default
+        # center_offset 0 puts it on the cell's top-left corner, 0.5 on the token's centre.
         self.anchor_generator = DefaultAnchorGenerator(
-            sizes=[[anchor_scale * s] for s in self.strides], aspect_ratios=[[1.0]], strides=self.strides, offset=0.5
+            sizes=[[anchor_scale * s] for s in self.strides], aspect_ratios=[[1.0]], strides=self.strides,
+            offset=anchor_offset,
         )
         self.box2box = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
         self.assigner = ATSSAssigner(topk)
@@ -187,7 +201,8 @@ class ATSSHead(nn.Module):
         return torch.cat([b.tensor for b in per_level]), [len(b) for b in per_level]
 
     def forward(self, maps: List[torch.Tensor], images: ImageList, gt_instances: List[Instances]):
-        """Losses (weighted, unscaled) and the positive anchors for Co-DETR's positive queries.
+        """Losses (weighted, unscaled), the positive anchors for Co-DETR's positive queries and
+        the negatives (valid anchors not assigned to any gt) for their padding.
         `images`: the padded batch (its image sizes tell which anchors lie on padding)."""
         if len(maps) != len(self.strides):
             raise ValueError(f"ATSS head built for {len(self.strides)} levels, got {len(maps)} maps")
@@ -208,7 +223,9 @@ class ATSSHead(nn.Module):
         onehot = torch.zeros_like(logits)
         onehot[batch_index, anchor_index, gt_labels[batch_index, gt_index]] = 1.0
 
-        num_pos = mean_across_workers(torch.tensor(float(len(batch_index)), device=logits.device)).clamp(min=1.0)
+        # mmdet's num_total_samples: every image counts at least one positive.
+        per_image = torch.bincount(batch_index, minlength=len(gt_instances)).clamp(min=1).sum()
+        num_pos = mean_across_workers(per_image.to(logits.dtype)).clamp(min=1.0)
         focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="none")
         loss_cls = (focal.sum(-1) * anchor_valid).sum() / num_pos
 
@@ -237,4 +254,14 @@ class ATSSHead(nn.Module):
             score=assignment.iou[batch_index, anchor_index],
             features=flat_features[batch_index, anchor_index],
         )
-        return losses, positives
+        # Negatives: valid anchors trained as background (the official pool is every anchor
+        # labelled background, those on batch padding included -- with zero boxes there; ours
+        # keeps to the image).
+        neg_batch, neg_anchor = (anchor_valid & ~assignment.positive).nonzero(as_tuple=True)
+        negatives = AuxNegatives(
+            batch_index=neg_batch,
+            boxes=anchors[neg_anchor],
+            feature_rows=neg_batch * anchors.shape[0] + neg_anchor,
+            feature_table=flat_features.flatten(0, 1),
+        )
+        return losses, positives, negatives

@@ -6,8 +6,15 @@ the shared decoder as customized positive queries.
 
 K = CO_DETR.NUM_AUX_HEADS: 0 (nothing), 1 (ATSS), 2 (ATSS + Faster R-CNN). The K positive-query
 groups go through the decoder in one batched pass (a block-diagonal self-attention mask keeps
-them apart), instead of one full decoder pass per head. Training only: the meta-arch never calls
-a branch at inference, so the adapter and the heads cost nothing at test time.
+them apart), instead of one full decoder pass per head as in the official code
+(projects/models/co_detr.py lines 326-331). Training only: the meta-arch never calls a branch at
+inference, so the adapter and the heads cost nothing at test time.
+
+As the official release: every aux-head loss is weighted lambda2 * DEC_LAYERS (2 * 6 = 12; the
+official config puts the factor in each loss_weight), the positive queries' losses lambda1 = 1 on
+every decoder layer (co_deformable_detr_head.py lines 370, 563-594), focal over all of a group's
+non-padding queries (positives and background negatives), L1 + GIoU on the positives, both
+normalised by the positives in the batch (lines 326-369; bg_cls_weight 0).
 """
 from typing import Dict, Optional
 
@@ -33,7 +40,8 @@ AUX_HEAD_NAMES = ("atss", "rcnn")  # in the order K adds them
 
 
 class CoDETRBranch(nn.Module):
-    """Every auxiliary head is called as head(maps, images, gt_instances) -> (losses, AuxPositives)."""
+    """Every auxiliary head is called as head(maps, images, gt_instances) -> (losses, AuxPositives,
+    AuxNegatives)."""
 
     @configurable
     def __init__(
@@ -47,6 +55,8 @@ class CoDETRBranch(nn.Module):
         min_queries: int = 9,
         max_queries: int = 300,
         aux_loss: bool = True,
+        zero_padding: bool = False,
+        subset: str = "random",
     ):
         """`heads` and `query_embeds`: per auxiliary head name, in AUX_HEAD_NAMES order; `aux_scale`
         weights the heads' own losses (lambda2, times DEC_LAYERS in the official configs)."""
@@ -57,6 +67,8 @@ class CoDETRBranch(nn.Module):
         self.aux_scale = aux_scale
         self.min_queries, self.max_queries = min_queries, max_queries
         self.aux_loss = aux_loss
+        self.zero_padding = zero_padding
+        self.subset = subset
         if self.num_aux_heads == 0:
             return
         self.adapter = adapter
@@ -77,7 +89,7 @@ class CoDETRBranch(nn.Module):
         builders = {
             "atss": lambda: ATSSHead(
                 m.HIDDEN_DIM, m.NUM_CLASSES, adapter.strides, co.ATSS_ANCHOR_SCALE, co.ATSS_TOPK,
-                co.ATSS_STACKED_CONVS, m.FOCAL_ALPHA, m.FOCAL_GAMMA,
+                co.ATSS_STACKED_CONVS, m.FOCAL_ALPHA, m.FOCAL_GAMMA, anchor_offset=co.ATSS_ANCHOR_OFFSET,
             ),
             "rcnn": lambda: FasterRCNNAuxHead(cfg, m.HIDDEN_DIM, adapter.strides),
         }
@@ -85,12 +97,16 @@ class CoDETRBranch(nn.Module):
         return {
             "adapter": adapter,
             "heads": heads,
-            "query_embeds": {name: PositiveQueryEmbedding(m.HIDDEN_DIM) for name in names},
+            "query_embeds": {
+                name: PositiveQueryEmbedding(m.HIDDEN_DIM, co.HEAD_EMBED, len(names)) for name in names
+            },
             "lambda1": co.LAMBDA1,
             "aux_scale": co.LAMBDA2 * (m.DEC_LAYERS if co.SCALE_AUX_BY_DEC_LAYERS else 1),
             "min_queries": co.MIN_POS_QUERIES,
             "max_queries": co.MAX_POS_QUERIES,
             "aux_loss": m.AUX_LOSS,
+            "zero_padding": co.ZERO_PADDING,
+            "subset": co.POS_QUERY_SUBSET,
         }
 
     def forward(self, inputs: BranchInputs) -> Dict[str, torch.Tensor]:
@@ -101,9 +117,14 @@ class CoDETRBranch(nn.Module):
         image_sizes = image_sizes_tensor(inputs.images, maps[0].device)
         losses, packed = {}, []
         for name, head in self.heads.items():  # K <= 2 heads
-            head_losses, positives = head(maps, inputs.images, inputs.gt_instances)
+            head_losses, positives, negatives = head(maps, inputs.images, inputs.gt_instances)
             losses.update({f"co_{name}_{k}": v * self.aux_scale for k, v in head_losses.items()})
-            packed.append(pack_positives(positives, n, image_sizes, self.min_queries, self.max_queries))
+            packed.append(
+                pack_positives(
+                    positives, n, image_sizes, self.min_queries, self.max_queries,
+                    negatives=None if self.zero_padding else negatives, subset=self.subset,
+                )
+            )
 
         # One decoder pass over the K positive-query groups.
         dtype = inputs.memory.memory.dtype
