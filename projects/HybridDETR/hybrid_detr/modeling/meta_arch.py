@@ -30,6 +30,7 @@ from .transformer import (
     PredictionHeads,
     TwoStageQueries,
     build_decoder_layers,
+    reset_transformer_parameters,
 )
 
 __all__ = ["HybridDETR"]
@@ -59,11 +60,18 @@ class HybridDETR(nn.Module):
         layers = build_decoder_layers(
             m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: self.mode.build_cross_attention(cfg)
         )
-        self.decoder = DeformableDecoder(layers, heads, refine_boxes=m.WITH_BOX_REFINE)
+        self.decoder = DeformableDecoder(
+            layers, heads, refine_boxes=m.WITH_BOX_REFINE, look_forward_twice=m.LOOK_FORWARD_TWICE
+        )
         if m.TWO_STAGE:
-            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads)
+            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION)
+        elif m.MIXED_SELECTION:
+            raise ValueError("MODEL.HYBRID_DETR.MIXED_SELECTION needs TWO_STAGE: True (it selects encoder proposals)")
         else:
             self.query_source = LearnedQueries(m.NUM_QUERIES, m.HIDDEN_DIM)
+        # The official transformer initialisation (xavier, then MSDeformAttn's and the reference
+        # points' own), once the encoder, decoder layers and query source exist.
+        reset_transformer_parameters(self.encoder, self.decoder, self.query_source, self.level_embed)
 
         self.matcher = HungarianMatcher(m.COST_CLASS, m.COST_BBOX, m.COST_GIOU, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
         self.criterion = DetectionCriterion(
@@ -92,15 +100,35 @@ class HybridDETR(nn.Module):
             aux_loss=self.aux_loss,
         )
         if encoder_predictions is not None:
+            # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):
+            # every target is labelled 0, matched and trained (focal over all K outputs, so the
+            # other K-1 stay background) on that binary problem; proposals are ranked by logit 0.
             logits, boxes = encoder_predictions
-            assignment = self.matcher(logits, boxes, targets)
-            losses.update({f"enc_{k}": v for k, v in self.criterion(logits, boxes, targets, assignment, num_boxes).items()})
+            binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            assignment = self.matcher(logits, boxes, binary_targets)
+            enc_losses = self.criterion(logits, boxes, binary_targets, assignment, num_boxes)
+            losses.update({f"enc_{k}": v for k, v in enc_losses.items()})
         branch_inputs = BranchInputs(
             queries, memory, one_to_one, targets, num_boxes, images, gt_instances, self.decoder, self.criterion
         )
         for branch in self.branches.values():
             losses.update(branch(branch_inputs))
         return losses
+
+    @torch.no_grad()
+    def raw_predictions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """The last decoder layer's raw outputs, in inference mode: `pred_logits` (N, Q, K) and
+        `pred_boxes` (N, Q, 4) cxcywh in [0, 1] of each unpadded image (the official models'
+        `pred_logits` / `pred_boxes`). The model's train/eval state is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            images, padding_mask = self.preprocess_image(batched_inputs)
+            _, _, _, one_to_one = self.transformer(*self.features(images.tensor, padding_mask))
+        finally:
+            self.train(was_training)
+        logits, boxes = one_to_one.layer(-1)
+        return {"pred_logits": logits, "pred_boxes": boxes}
 
     def preprocess_image(self, batched_inputs):
         """Normalised, padded images and their padding mask (N, H, W), True on padding."""

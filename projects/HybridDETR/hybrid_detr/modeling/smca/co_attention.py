@@ -57,15 +57,22 @@ class SMCACrossAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self._prior_args = (d_model, n_heads, per_head, beta)
+        self.prior = GaussianPrior(*self._prior_args)
+        # Scale selection (starts uniform); not needed for a single level.
+        self.scale_selection = nn.Linear(d_model, n_heads * len(self.levels)) if len(self.levels) > 1 else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """This module's own init (re-run after the transformer's xavier pass)."""
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
-        self.prior = GaussianPrior(d_model, n_heads, per_head, beta)
-        # Scale selection (starts uniform); not needed for a single level.
-        self.scale_selection = nn.Linear(d_model, n_heads * len(self.levels)) if len(self.levels) > 1 else None
         if self.scale_selection is not None:
             nn.init.zeros_(self.scale_selection.weight)
             nn.init.zeros_(self.scale_selection.bias)
+        # The prior's init is its constructor's: copy a freshly built one.
+        self.prior.load_state_dict(GaussianPrior(*self._prior_args).to(self.q_proj.weight.device).state_dict())
 
     @classmethod
     def from_config(cls, cfg):

@@ -49,8 +49,15 @@ class DeformableSMCACrossAttention(nn.Module):
     def __init__(self, d_model, n_levels, n_heads, n_points, beta=8.0, per_head=True, unit_level=2):
         super().__init__()
         self.attn = GaussianModulatedMSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.prior = GaussianPrior(d_model, n_heads, per_head, beta)
+        self._prior_args = (d_model, n_heads, per_head, beta)
+        self.prior = GaussianPrior(*self._prior_args)
         self.unit_level = unit_level
+
+    def reset_parameters(self):
+        """This module's own init (re-run after the transformer's xavier pass): the deformable
+        attention's reset and the prior's constructor init (copied from a freshly built one)."""
+        self.attn.reset_parameters()
+        self.prior.load_state_dict(GaussianPrior(*self._prior_args).to(self.attn.value_proj.weight.device).state_dict())
 
     @classmethod
     def from_config(cls, cfg):
