@@ -110,6 +110,12 @@ def test_a_truncated_checkpoint_is_refused(tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
     _assert_refused(tmp_path, truncated, "damaged or truncated")
+    # The legacy (non-zip) format of torch < 1.6, which the official release may use.
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": {"a": torch.zeros(10000)}}, str(legacy), _use_new_zipfile_serialization=False)
+    data = legacy.read_bytes()
+    legacy.write_bytes(data[: len(data) // 2])
+    _assert_refused(tmp_path, legacy, "damaged or truncated")
 
 
 def test_a_pickle_that_needs_code_is_refused(tmp_path):

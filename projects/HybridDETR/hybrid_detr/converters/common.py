@@ -169,12 +169,17 @@ def load_official_checkpoint(path: str, model: str) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         message = str(e)
         needs = re.search(r"GLOBAL (\S+) was not an allowed global", message)
-        what = f"the Python object {needs.group(1)}" if needs else "more than tensors and plain containers"
+        if needs:
+            raise ConversionError(
+                f"{path}: refusing to load it: unpickling it needs the Python object {needs.group(1)}, and a "
+                f"checkpoint is loaded with torch.load(weights_only=True) only (an arbitrary pickle can run code). "
+                f"If you trust the file, save its model state dict alone (torch.save(torch.load(path, "
+                f"weights_only=False)['model'], 'model_only.pth')) and convert that."
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: (.*?)(\n\n|$)", message, re.S)
         raise ConversionError(
-            f"{path}: refusing to load it: unpickling it needs {what}, and a checkpoint is loaded with "
-            f"torch.load(weights_only=True) only (an arbitrary pickle can run code). If you trust the file, "
-            f"save its model state dict alone (torch.save(torch.load(path, weights_only=False)['model'], "
-            f"'model_only.pth')) and convert that."
+            f"{path}: cannot be read with torch.load(weights_only=True): damaged or truncated, or a pickle using "
+            f"more than tensors and plain containers ({(detail.group(1) if detail else message).strip()[:200]})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise ConversionError(f"{path}: a damaged or truncated checkpoint ({type(e).__name__}: {e})") from None

@@ -69,15 +69,15 @@ class HybridDETR(nn.Module):
             raise ValueError("MODEL.HYBRID_DETR.MIXED_SELECTION needs TWO_STAGE: True (it selects encoder proposals)")
         else:
             self.query_source = LearnedQueries(m.NUM_QUERIES, m.HIDDEN_DIM)
-        # The official transformer initialisation (xavier, then MSDeformAttn's and the reference
-        # points' own), once the encoder, decoder layers and query source exist.
-        reset_transformer_parameters(self.encoder, self.decoder, self.query_source, self.level_embed)
 
         self.matcher = HungarianMatcher(m.COST_CLASS, m.COST_BBOX, m.COST_GIOU, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
         self.criterion = DetectionCriterion(
             m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT
         )
         self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))
+        # The official transformer initialisation (xavier, then MSDeformAttn's, each cross-attention's
+        # and the reference points' own), once everything is built.
+        reset_transformer_parameters(self.encoder, self.decoder, self.query_source, self.level_embed)
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
