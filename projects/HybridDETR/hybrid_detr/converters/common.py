@@ -46,11 +46,19 @@ Converter = Callable[[Dict[str, torch.Tensor]], Conversion]
 CONVERTERS: Dict[str, Converter] = {}
 
 
-def register_converter(name: str):
+# Classes a converter's official files may hold besides tensors and containers (allowed when loading).
+SAFE_GLOBALS: Dict[str, tuple] = {}
+
+
+def register_converter(name: str, safe_globals: Iterable = ()):
+    """Registers `fn(official_state_dict) -> Conversion` as the converter `name` (a subcommand of
+    tools/convert_official.py). `safe_globals`: classes its files may contain, allowed by the loader."""
+
     def register(fn: Converter) -> Converter:
         if name in CONVERTERS:
             raise ValueError(f"converter {name!r} registered twice")
         CONVERTERS[name] = fn
+        SAFE_GLOBALS[name] = tuple(safe_globals)
         return fn
 
     return register
@@ -148,12 +156,14 @@ def _describe_top_level(obj) -> str:
     return f"a {type(obj).__name__}"
 
 
-def load_official_checkpoint(path: str, model: str) -> Dict[str, torch.Tensor]:
+def load_official_checkpoint(path: str, model: str, safe_globals: Iterable = ()) -> Dict[str, torch.Tensor]:
     """The model state dict of an official checkpoint file (`{"model": state_dict, ...}`,
     `{"state_dict": ...}` (mmdet) or a bare state dict), loaded with `weights_only=True`.
 
-    argparse.Namespace (the official `args` entry) is allowed; anything else that needs arbitrary
-    code to unpickle is refused, naming what it needs. Errors name the file and what was found.
+    argparse.Namespace (the official `args` entry) and the classes in `safe_globals` (for a
+    converter whose release stores more, e.g. numpy scalars in mmcv's `meta`) are allowed; anything
+    else that needs arbitrary code to unpickle is refused, naming what it needs. Errors name the
+    file and what was found.
     """
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
@@ -164,7 +174,7 @@ def load_official_checkpoint(path: str, model: str) -> Dict[str, torch.Tensor]:
     if head[:2] == b"PK" and not zipfile.is_zipfile(path):
         raise ConversionError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *safe_globals]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         message = str(e)
@@ -263,7 +273,7 @@ def convert_file(model: str, input_path: str, output_path: str) -> Conversion:
         raise ConversionError(f"unknown model {model!r}: choose from {sorted(CONVERTERS)}")
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ConversionError("the output would overwrite the input; choose another output path")
-    conversion = CONVERTERS[model](load_official_checkpoint(input_path, model))
+    conversion = CONVERTERS[model](load_official_checkpoint(input_path, model, SAFE_GLOBALS[model]))
     check_against_config(conversion)
     save_detectron2_checkpoint(conversion, output_path, source=input_path)
     return conversion
