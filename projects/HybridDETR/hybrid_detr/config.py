@@ -36,6 +36,15 @@ def add_hybrid_detr_config(cfg):
     model.NUM_QUERIES = 300
     model.WITH_BOX_REFINE = False
     model.TWO_STAGE = False
+    # Two-stage only: DINO's mixed query selection (as in H-DETR, DAC-DETR and Co-DETR's "++"
+    # query head): reference boxes and positional queries from the selected encoder proposals,
+    # content queries learned (an embedding of NUM_QUERIES x HIDDEN_DIM). Off: Deformable DETR's
+    # two-stage, content from the proposals too.
+    model.MIXED_SELECTION = False
+    # Box refinement only: DINO's look-forward-twice. Layer i's box for the loss is its delta
+    # added to layer i-1's box before the detach, so layer i's loss also trains layer i-1; the
+    # reference layer i attends around stays detached (same forward values, other gradients).
+    model.LOOK_FORWARD_TWICE = False
     model.AUX_LOSS = True
     # Loss weights (focal, L1, GIoU) and the Hungarian matcher's costs.
     model.FOCAL_ALPHA = 0.25

@@ -30,6 +30,7 @@ from .transformer import (
     PredictionHeads,
     TwoStageQueries,
     build_decoder_layers,
+    reset_transformer_parameters,
 )
 
 __all__ = ["HybridDETR"]
@@ -61,9 +62,13 @@ class HybridDETR(nn.Module):
         layers = build_decoder_layers(
             m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: self.mode.build_cross_attention(cfg)
         )
-        self.decoder = DeformableDecoder(layers, heads, refine_boxes=m.WITH_BOX_REFINE)
+        self.decoder = DeformableDecoder(
+            layers, heads, refine_boxes=m.WITH_BOX_REFINE, look_forward_twice=m.LOOK_FORWARD_TWICE
+        )
         if m.TWO_STAGE:
-            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads)
+            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION)
+        elif m.MIXED_SELECTION:
+            raise ValueError("MODEL.HYBRID_DETR.MIXED_SELECTION needs TWO_STAGE: True (it selects encoder proposals)")
         else:
             self.query_source = LearnedQueries(m.NUM_QUERIES, m.HIDDEN_DIM)
 
@@ -73,6 +78,9 @@ class HybridDETR(nn.Module):
         )
         self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))
         self.one_to_one_classification = self.mode.build_one_to_one_classification(cfg)
+        # The official transformer initialisation (xavier, then MSDeformAttn's, each cross-attention's
+        # and the reference points' own), once everything is built.
+        reset_transformer_parameters(self.encoder, self.decoder, self.query_source, self.level_embed)
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
@@ -98,15 +106,35 @@ class HybridDETR(nn.Module):
             class_weight=classification.weight if classification else None,
         )
         if encoder_predictions is not None:
+            # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):
+            # every target is labelled 0, matched and trained (focal over all K outputs, so the
+            # other K-1 stay background) on that binary problem; proposals are ranked by logit 0.
             logits, boxes = encoder_predictions
-            assignment = self.matcher(logits, boxes, targets)
-            losses.update({f"enc_{k}": v for k, v in self.criterion(logits, boxes, targets, assignment, num_boxes).items()})
+            binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            assignment = self.matcher(logits, boxes, binary_targets)
+            enc_losses = self.criterion(logits, boxes, binary_targets, assignment, num_boxes)
+            losses.update({f"enc_{k}": v for k, v in enc_losses.items()})
         branch_inputs = BranchInputs(
             queries, memory, one_to_one, targets, num_boxes, images, gt_instances, self.decoder, self.criterion
         )
         for branch in self.branches.values():
             losses.update(branch(branch_inputs))
         return losses
+
+    @torch.no_grad()
+    def raw_predictions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """The last decoder layer's raw outputs, in inference mode: `pred_logits` (N, Q, K) and
+        `pred_boxes` (N, Q, 4) cxcywh in [0, 1] of each unpadded image (the official models'
+        `pred_logits` / `pred_boxes`). The model's train/eval state is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            images, padding_mask = self.preprocess_image(batched_inputs)
+            _, _, _, one_to_one = self.transformer(*self.features(images.tensor, padding_mask))
+        finally:
+            self.train(was_training)
+        logits, boxes = one_to_one.layer(-1)
+        return {"pred_logits": logits, "pred_boxes": boxes}
 
     def preprocess_image(self, batched_inputs):
         """Normalised, padded images and their padding mask (N, H, W), True on padding."""

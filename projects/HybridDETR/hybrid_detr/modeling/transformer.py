@@ -157,37 +157,58 @@ class PredictionHeads(nn.Module):
         else:
             self.class_heads = nn.ModuleList(class_head for _ in range(num_heads))
             self.box_heads = nn.ModuleList(box_head for _ in range(num_heads))
-        # The first layer's boxes start small around their reference points (log-odds -2 for
-        # w and h); later layers refine from there.
+        # Without two-stage, the first layer's boxes start small around their reference points
+        # (log-odds -2 for w and h; head 0, which is the shared head without refinement). With
+        # two-stage every head starts at w/h bias 0 (the official code resets them all): boxes
+        # then start as their proposals' size.
         nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+        if two_stage:
+            for head in self.box_heads:
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0)
 
-    def predict(self, index, hidden, reference):
-        """Logits and boxes of head `index` around `reference` ((..., 2) points or (..., 4) boxes)."""
-        delta = self.box_heads[index](hidden)
+    @staticmethod
+    def boxes_around(delta, reference):
+        """Boxes (..., 4) in [0, 1]: `delta` (log-odds) added to `reference` ((..., 2) points or
+        (..., 4) boxes, in [0, 1]); a point reference leaves w and h to the delta alone."""
         reference = inverse_sigmoid(reference)
         if reference.shape[-1] == 4:
             boxes = delta + reference
         else:
             boxes = torch.cat((delta[..., :2] + reference, delta[..., 2:]), dim=-1)
-        return self.class_heads[index](hidden), boxes.sigmoid()
+        return boxes.sigmoid()
+
+    def predict(self, index, hidden, reference):
+        """Logits and boxes of head `index` around `reference` ((..., 2) points or (..., 4) boxes)."""
+        return self.class_heads[index](hidden), self.boxes_around(self.box_heads[index](hidden), reference)
 
 
 class DeformableDecoder(nn.Module):
     """Runs a `QueryGroup` through the decoder layers and the prediction heads.
 
-    With box refinement, each layer's predicted boxes become the next layer's references
-    (detached, as in Deformable DETR); otherwise every layer uses the group's references.
+    With box refinement, each layer's predicted 4-d boxes become the next layer's reference boxes
+    (detached, as in Deformable DETR: from layer 1 on the reference is a box even when the group
+    starts from 2-d points); otherwise every layer uses the group's references.
+
+    `look_forward_twice` (DINO, Zhang et al. ICLR 2023; needs refinement): layer i's box for the
+    loss is layer i's delta added to layer i-1's box *before* its detach, so layer i's loss also
+    trains layer i-1; the reference layer i samples around (and the values) are unchanged.
     """
 
-    def __init__(self, layers: List[DecoderLayer], heads: PredictionHeads, refine_boxes: bool):
+    def __init__(
+        self, layers: List[DecoderLayer], heads: PredictionHeads, refine_boxes: bool, look_forward_twice: bool = False
+    ):
         super().__init__()
+        if look_forward_twice and not refine_boxes:
+            raise ValueError("MODEL.HYBRID_DETR.LOOK_FORWARD_TWICE needs WITH_BOX_REFINE: True")
         self.layers = nn.ModuleList(layers)
         self.heads = heads
         self.refine_boxes = refine_boxes
+        self.look_forward_twice = look_forward_twice
 
     def forward(self, group: QueryGroup, memory: EncoderMemory, skip_self_attn=False) -> DecoderOutput:
         attn_mask = self._self_attn_mask(group)
         content, reference = group.content, group.reference
+        previous_boxes = None  # the previous layer's boxes before their detach (look-forward-twice)
         all_logits, all_boxes, all_hidden, self_attn_outputs = [], [], [], []
         for i, layer in enumerate(self.layers):
             reference_points = self._scale_to_levels(reference, memory.valid_ratios)
@@ -195,9 +216,15 @@ class DeformableDecoder(nn.Module):
                 content = layer.self_attention(content, group.position, attn_mask)
                 self_attn_outputs.append(content)
             content = layer.cross_and_ffn(content, group.position, reference_points, memory, reference)
-            logits, boxes = self.heads.predict(i, content, reference)
+            logits = self.heads.class_heads[i](content)
+            delta = self.heads.box_heads[i](content)
+            boxes = self.heads.boxes_around(delta, reference)
             if self.refine_boxes:
-                reference = boxes.detach() if reference.shape[-1] == 4 else boxes[..., :2].detach()
+                refined = boxes
+                if self.look_forward_twice and previous_boxes is not None:
+                    boxes = self.heads.boxes_around(delta, previous_boxes)
+                previous_boxes = refined
+                reference = refined.detach()
             all_logits.append(logits)
             all_boxes.append(boxes)
             all_hidden.append(content)
@@ -238,8 +265,17 @@ class LearnedQueries(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_queries, 2 * d_model)
         self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The reference-point init of the official transformer; the embedding keeps its normal_
+        init (it lives outside the official transformer)."""
         nn.init.xavier_uniform_(self.reference_points.weight, gain=1)
         nn.init.zeros_(self.reference_points.bias)
+
+    def transformer_parameters(self):
+        """Parameters the official code counts as the transformer's (xavier-initialised)."""
+        return list(self.reference_points.parameters())
 
     def forward(self, memory: EncoderMemory):
         n = memory.memory.shape[0]
@@ -251,9 +287,20 @@ class LearnedQueries(nn.Module):
 
 class TwoStageQueries(nn.Module):
     """Two-stage Deformable DETR: every encoder token proposes a box around its location; the
-    top-k proposals (by best class score) become the queries' reference boxes and positions."""
+    top-k proposals become the queries' reference boxes and positions.
 
-    def __init__(self, num_queries, d_model, heads: PredictionHeads):
+    As in the official code the encoder head is class-agnostic: proposals are ranked by logit 0
+    alone (the meta-architecture trains that head with every target labelled 0). One deliberate
+    difference: padding tokens and tokens whose proposal leaves (0.01, 0.99) are masked out
+    *before* the top-k (the official code ranks them too, with a zeroed feature and an infinite
+    box); on an unpadded image with confident proposals both pick the same k.
+
+    `mixed_selection` (DINO's mixed query selection, as in H-DETR, DAC-DETR and Co-DETR's "++"
+    head): the positions still come from the selected proposals, the content queries are learned
+    embeddings instead of the proposals' embedding halves.
+    """
+
+    def __init__(self, num_queries, d_model, heads: PredictionHeads, mixed_selection: bool = False):
         super().__init__()
         self.num_queries = num_queries
         self.heads = heads
@@ -263,6 +310,17 @@ class TwoStageQueries(nn.Module):
         self.position_proj = nn.Linear(2 * d_model, 2 * d_model)
         self.position_norm = nn.LayerNorm(2 * d_model)
         self.d_model = d_model
+        self.mixed_selection = mixed_selection
+        # Learned content queries of mixed selection (normal_ init, outside the transformer's reset).
+        self.content = nn.Embedding(num_queries, d_model) if mixed_selection else None
+
+    def reset_parameters(self):
+        pass  # the xavier pass over `transformer_parameters()` is the whole official init
+
+    def transformer_parameters(self):
+        """Parameters the official code counts as the transformer's (xavier-initialised); the
+        prediction heads and the content embedding are not."""
+        return [p for m in (self.memory_proj, self.memory_norm, self.position_proj, self.position_norm) for p in m.parameters()]
 
     @staticmethod
     def token_proposals(memory: EncoderMemory):
@@ -278,16 +336,46 @@ class TwoStageQueries(nn.Module):
         tokens = memory.memory.masked_fill(~valid[..., None], 0.0)
         tokens = self.memory_norm(self.memory_proj(tokens))
         logits, boxes = self.heads.predict(self.encoder_head_index, tokens, proposals)
-        scores = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        # Class-agnostic ranking by logit 0 (the official `enc_outputs_class[..., 0]`).
+        scores = logits[..., 0].masked_fill(~valid, float("-inf"))
         k = min(self.num_queries, scores.shape[1])
         topk = scores.topk(k, dim=1).indices
         reference = boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         embedded = self.position_norm(self.position_proj(box_sine_embedding(reference, self.d_model // 2)))
         position, content = embedded.to(memory.memory.dtype).chunk(2, dim=-1)
+        if self.mixed_selection:
+            content = self.content.weight[:k].to(position.dtype)[None].expand(position.shape[0], -1, -1)
         # Padding and border tokens take no part in the encoder loss: a very negative logit makes
         # them confident background (-inf would give NaN in the focal loss).
         encoder_predictions = (logits.masked_fill(~valid[..., None], -1e4), boxes)
         return QueryGroup(content, position, reference), encoder_predictions
+
+
+def reset_transformer_parameters(encoder: nn.Module, decoder: "DeformableDecoder", query_source: nn.Module, level_embed):
+    """The official `DeformableTransformer._reset_parameters`, over our modules.
+
+    xavier_uniform_ on every >1-d parameter of the encoder, of the decoder layers (self-attention,
+    cross-attention, FFNs) and of the query source's transformer part (two-stage projections,
+    learned-query reference-point linear); then MSDeformAttn's own reset, then each decoder
+    cross-attention's own `reset_parameters()` where it defines one (SMCA's attention keeps its
+    init), the reference-point init, and level_embed ~ N(0, 1). The prediction heads, the neck and
+    the learned query embeddings are not touched (the official code builds them outside the
+    transformer, after its reset). Call it once, after the model is built.
+    """
+    parameters = list(encoder.parameters()) + list(decoder.layers.parameters()) + list(query_source.transformer_parameters())
+    with torch.no_grad():
+        for p in parameters:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    for module in (encoder, decoder.layers):
+        for m in module.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+    for layer in decoder.layers:
+        if callable(getattr(layer.cross_attn, "reset_parameters", None)):
+            layer.cross_attn.reset_parameters()
+    query_source.reset_parameters()
+    nn.init.normal_(level_embed)
 
 
 def build_decoder_layers(num_layers, d_model, d_ffn, dropout, n_heads, cross_attn_factory: Callable[[], nn.Module]):

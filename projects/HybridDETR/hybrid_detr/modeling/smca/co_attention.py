@@ -92,9 +92,7 @@ class SMCACrossAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.zeros_(proj.bias)
+        self._reset_projections()
         # The prior over the attended levels (None: the `dense` mode, plain co-attention).
         strides = [level_strides[level] for level in self.levels]
         self.prior = (
@@ -106,6 +104,18 @@ class SMCACrossAttention(nn.Module):
         self.scale_selection = (
             ScaleSelection(d_model, n_heads, len(self.levels), scale_selection_per_head) if len(self.levels) > 1 else None
         )
+
+    def _reset_projections(self):
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def reset_parameters(self):
+        """This module's own init, re-run after the transformer's xavier pass."""
+        self._reset_projections()
+        for part in (self.prior, self.scale_selection):
+            if part is not None:
+                part.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg, prior: bool = True):

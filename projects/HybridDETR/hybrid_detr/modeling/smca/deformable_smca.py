@@ -65,6 +65,11 @@ class DeformableSMCACrossAttention(nn.Module):
         strides = list(level_strides)[:n_levels]
         self.prior = GaussianPrior(d_model, n_heads, per_head, beta, strides, level_priors, key_at_cell_center)
 
+    def reset_parameters(self):
+        """This module's own init, re-run after the transformer's xavier pass."""
+        self.attn.reset_parameters()
+        self.prior.reset_parameters()
+
     @classmethod
     def from_config(cls, cfg):
         m = cfg.MODEL.HYBRID_DETR

@@ -153,6 +153,9 @@ class GaussianPrior(nn.Module):
         self.sets = len(self.level_strides) if self.level_priors else 1
         self.center_offsets = nn.Linear(d_model, self.sets * self.groups * 2)
         self.inverse_scales = nn.Linear(d_model, self.sets * self.groups * 2)
+        self.reset_parameters()
+
+    def reset_parameters(self):
         # The release: offsets xavier (bias: Linear's default), so heads start apart; a = 1/s
         # starts at 1 (weight 0, bias 1), so every map starts as exp(-factor d^2 / beta).
         nn.init.xavier_uniform_(self.center_offsets.weight)
