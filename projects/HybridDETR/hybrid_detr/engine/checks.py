@@ -23,6 +23,11 @@ def check_config(cfg, world_size: int) -> None:
         )
     if solver.MAX_ITER <= 0:
         raise ValueError(f"SOLVER.MAX_ITER must be > 0, got {solver.MAX_ITER}")
+    late = [s for s in solver.STEPS if not 0 < s < solver.MAX_ITER]
+    if late:
+        raise ValueError(
+            f"SOLVER.STEPS {tuple(solver.STEPS)} must lie in (0, SOLVER.MAX_ITER = {solver.MAX_ITER}); {late} do not"
+        )
     if solver.CHECKPOINT_PERIOD <= 0:
         raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be > 0, got {solver.CHECKPOINT_PERIOD}")
     if solver.BASE_LR < 0:

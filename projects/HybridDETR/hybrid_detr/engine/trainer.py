@@ -47,6 +47,9 @@ def resolve_seed(cfg) -> int:
 
 
 class Trainer(DefaultTrainer):
+    # Iterations between two writes of metrics.json / TensorBoard / the console (detectron2: 20).
+    WRITER_PERIOD = 20
+
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
@@ -99,6 +102,8 @@ class Trainer(DefaultTrainer):
         # The files (not the console printer, whose ETA needs one write per iteration) are flushed
         # before each checkpoint.
         writers = [w for w in (writer_hooks[0]._writers if writer_hooks else []) if not isinstance(w, CommonMetricPrinter)]
+        for h in writer_hooks:
+            h._period = self.WRITER_PERIOD
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
                 ret[i] = FlushingPeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, writers)
