@@ -71,6 +71,17 @@ import train_net
 from hybrid_detr.engine.trainer import Trainer
 
 Trainer.WRITER_PERIOD = int(os.environ.get("TINY_WRITER_PERIOD", "20"))
+_STEP_SLEEP = float(os.environ.get("TINY_STEP_SLEEP", "0"))  # lets a test kill the run mid-way
+if _STEP_SLEEP:
+    import time
+
+    _run_step = Trainer.run_step
+
+    def _slow_run_step(self):
+        _run_step(self)
+        time.sleep(_STEP_SLEEP)
+
+    Trainer.run_step = _slow_run_step
 
 if __name__ == "__main__":
     train_net.invoke_main()

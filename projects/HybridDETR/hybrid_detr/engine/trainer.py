@@ -91,7 +91,9 @@ class Trainer(DefaultTrainer):
             self._trainer.data_loader.dataset.seed = self.seed
 
     def run_step(self):
-        # Model-side randomness (DAC's random cap, R-CNN sampling) is a function of the iteration.
+        # Model-side randomness (dropout, DAC's random cap, R-CNN sampling) is a function of the
+        # iteration. The loader's iterator is made first: creating it draws from torch's RNG.
+        self._trainer._data_loader_iter  # noqa: B018
         seed_all(sample_seed(self.seed, 0x57E9, self.iter, comm.get_rank()))
         super().run_step()
 
