@@ -103,8 +103,8 @@ class HybridCheckpointer(DetectionCheckpointer):
                     f"{filename} holds Python objects other than tensors and plain containers, so it is not "
                     f"loaded (torch.load weights_only=True). Re-save its state_dict with torch.save"
                 ) from e
-            raise CheckpointError(f"{filename} is not a PyTorch checkpoint or is corrupt ({e})") from e
-        except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError) as e:
+            raise CheckpointError(f"{filename} is truncated or not a PyTorch checkpoint ({e})") from e
+        except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"{filename} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})"
             ) from e

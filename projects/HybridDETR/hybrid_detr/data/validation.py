@@ -46,11 +46,6 @@ def validate_dataset_dicts(dataset_dicts, num_classes, dataset_name):
     """
     seen_ids, clipped, clipped_example = {}, 0, None
     for record in dataset_dicts:
-        image_id = record.get("image_id")
-        if image_id is not None:
-            if image_id in seen_ids:
-                _fail(dataset_name, record, f"duplicate image_id {image_id!r} (also used by '{seen_ids[image_id]}')")
-            seen_ids[image_id] = record.get("file_name", "?")
         h, w = record.get("height"), record.get("width")
         if h is None or w is None:
             _fail(dataset_name, record, "missing image size ('height'/'width')")
@@ -98,6 +93,11 @@ def validate_dataset_dicts(dataset_dicts, num_classes, dataset_name):
                     dataset_name, record,
                     f"annotation {j}: category_id {cat!r} is out of range [0, {num_classes})",
                 )
+        image_id = record.get("image_id")
+        if image_id is not None:
+            if image_id in seen_ids:
+                _fail(dataset_name, record, f"duplicate image_id {image_id!r} (also used by '{seen_ids[image_id]}')")
+            seen_ids[image_id] = record.get("file_name", "?")
     if clipped:
         logger.warning(
             f"Dataset '{dataset_name}': {clipped} boxes stick out of their image (by at most "
