@@ -95,6 +95,39 @@ def one_step(modes=tuple(MODES)):
     return results
 
 
+def nan_on_last_worker(out):
+    """A training step where only the last worker's loss is NaN: every worker must stop (no
+    worker left waiting in an all-reduce) with the same error; each writes it to out.<rank>."""
+    from hybrid_detr.engine.hooks import NonFiniteLossGuard
+
+    torch.set_num_threads(1)
+    rank, world = comm.get_rank(), comm.get_world_size()
+    torch.manual_seed(0)
+    model = build_model(mode_cfg("deformable"))
+    model.train()
+    guard = NonFiniteLossGuard(create_ddp_model(model, broadcast_buffers=False), lambda: 17)
+    forward = model.forward
+
+    def nan_forward(batch):
+        losses = forward(batch)
+        if rank == world - 1:
+            losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+        return losses
+
+    model.forward = nan_forward
+    batch = global_batch()[rank * 2 : rank * 2 + 2]
+    for i, x in enumerate(batch):
+        x["image_id"] = 100 + rank * 2 + i
+    try:
+        with EventStorage():
+            guard(batch)
+        message = "no error"
+    except FloatingPointError as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+
+
 def _worker(out):
     results = one_step()
     if comm.is_main_process():
@@ -105,4 +138,5 @@ if __name__ == "__main__":
     from detectron2.engine import launch
 
     world, out = int(sys.argv[1]), sys.argv[2]
-    launch(_worker, world, dist_url="auto", args=(out,))
+    func = nan_on_last_worker if len(sys.argv) > 3 and sys.argv[3] == "nan" else _worker
+    launch(func, world, dist_url="auto", args=(out,))

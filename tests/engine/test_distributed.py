@@ -72,6 +72,19 @@ def test_equivalence_check_catches_per_worker_normalisation(monkeypatch):
     assert mean["loss_bbox"] != pytest.approx(one["losses"]["loss_bbox"], rel=1e-2)
 
 
+def test_a_nan_on_one_worker_stops_every_worker(tmp_path):
+    out = tmp_path / "nan"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed_helpers.py"), "2", str(out), "nan"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    messages = [(tmp_path / f"nan.{rank}").read_text() for rank in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "Non-finite training values at iteration 17" in messages[0]
+    assert "worker 1, image ids [102, 103]: loss_bbox=nan" in messages[0]
+    assert "worker 0" not in messages[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # train_net.py end to end
 # ------------------------------------------------------------------------------------------------
