@@ -124,8 +124,11 @@ class NonFiniteLossGuard(nn.Module):
             loss_dict = self.model(batch)
         except FloatingPointError as e:  # e.g. a matcher given non-finite predictions
             error = str(e)
-        bad = {k: float(v.detach().float().sum()) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
-        if all_ranks_any(error is not None or bool(bad)):
+        # One device sync for all terms; the per-term report only when something is wrong.
+        sums = torch.stack([v.detach().float().sum() for v in loss_dict.values()]) if loss_dict else None
+        local_bad = error is not None or (sums is not None and not bool(torch.isfinite(sums).all()))
+        if all_ranks_any(local_bad):
+            bad = {k: float(v.detach().float().sum()) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
             reports = comm.all_gather({"rank": comm.get_rank(), "error": error, "bad": bad, "ids": _batch_ids(batch)})
             lines = []
             for r in reports:
