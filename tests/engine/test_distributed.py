@@ -163,3 +163,15 @@ def test_eval_only_on_two_processes_gives_the_results_of_one(tiny, two_process_r
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         assert a["score"] == pytest.approx(b["score"], abs=1e-5)
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_batch_that_does_not_divide_among_two_processes_is_refused_by_both(tiny):
+    proc = subprocess.run(tiny.command("--num-gpus", 2, "SOLVER.IMS_PER_BATCH", 3, "OUTPUT_DIR",
+                                       os.path.join(tiny.root, "odd_batch")),
+                          capture_output=True, text=True, timeout=300, env=tiny.env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "SOLVER.IMS_PER_BATCH (3) is the total batch over all workers and must be a positive multiple of " \
+           "the number of workers (2)" in out
+    assert "Starting training from iteration" not in out

@@ -227,7 +227,17 @@ def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, che
     ensure_synthetic_dataset(dataset_name)
     json_file = MetadataCatalog.get(dataset_name).get("json_file")
     if json_file:
-        validate_coco_json(json_file, dataset_name)
+        # Parsed once, by worker 0 (a COCO train JSON is ~0.5 GB); every worker raises its error.
+        problem = None
+        if comm.get_rank() == 0:
+            try:
+                validate_coco_json(json_file, dataset_name)
+            except ValueError as e:
+                problem = str(e)
+        if comm.get_world_size() > 1:
+            problem = next((p for p in comm.all_gather(problem) if p), None)
+        if problem:
+            raise ValueError(problem)
     try:
         dicts = DatasetCatalog.get(dataset_name)
     except ValueError:
