@@ -207,7 +207,9 @@ def _record(bbox=(10, 10, 20, 20), category_id=1, **kw):
 
 
 def test_validation_accepts_good_and_empty_records():
-    validate_dataset_dicts([_record(), _record(annotations=[]), _record(bbox=(0, 0, 120, 100))], 3, "ok")
+    validate_dataset_dicts(
+        [_record(), _record(annotations=[], image_id=8), _record(bbox=(0, 0, 120, 100), image_id=9)], 3, "ok"
+    )
     validate_dataset_dicts([{"file_name": "a.jpg", "height": 5, "width": 5}], 3, "ok")
     xyxy = _record()
     xyxy["annotations"][0].update(bbox=[10, 10, 30, 30], bbox_mode=BoxMode.XYXY_ABS)
@@ -229,6 +231,8 @@ def test_validation_accepts_good_and_empty_records():
         (_record(height=None), "missing image size"),
         ({"file_name": "/data/img_7.jpg", "width": 10, "annotations": []}, "missing image size"),
         (_record(width=0), "invalid image size"),
+        (_record(bbox=(10, 10, 0, 20)), "zero size"),
+        (_record(), "duplicate image_id 7"),
     ],
 )
 def test_validation_errors(record, match):

@@ -53,7 +53,20 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, logits, boxes, targets: List[Dict[str, torch.Tensor]]) -> Assignment:
-        """logits (N, Q, K), boxes (N, Q, 4) cxcywh; targets: per image {"labels", "boxes"}."""
+        """logits (N, Q, K), boxes (N, Q, 4) cxcywh; targets: per image {"labels", "boxes"}.
+
+        Raises FloatingPointError naming the images and queries when a prediction is not finite:
+        a NaN cost would otherwise be matched like any other (linear_sum_assignment does not care).
+        """
+        for name, tensor in (("logits", logits), ("boxes", boxes)):
+            bad = ~torch.isfinite(tensor).flatten(2).all(-1)  # (N, Q)
+            if bad.any():
+                images, queries = bad.nonzero(as_tuple=True)
+                raise FloatingPointError(
+                    f"HungarianMatcher: non-finite predicted {name} for {int(bad.sum())} queries "
+                    f"(batch images {sorted(set(images.tolist()))}, e.g. query {int(queries[0])} of image "
+                    f"{int(images[0])}: {tensor[images[0], queries[0]].tolist()[:6]})"
+                )
         n, q = logits.shape[:2]
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:

@@ -36,6 +36,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from ..criterion import mean_across_workers
 from .positive_queries import AuxNegatives, AuxPositives
 
 
@@ -169,6 +170,11 @@ class FasterRCNNAuxHead(nn.Module):
         with event_storage():
             proposals, rpn_losses = self.rpn(images, features, targets)
             sampled, roi_losses = self.roi_heads(images, features, proposals, targets)
+        # detectron2's RoI losses are means over this worker's sampled proposals; rescale them to
+        # means over all workers' proposals, so that DDP's gradient average equals one big batch.
+        num_sampled = float(sum(len(p) for p in sampled))
+        mean_sampled = mean_across_workers(torch.tensor(num_sampled, device=images.tensor.device)).item()
+        roi_losses = {k: v * (num_sampled / max(mean_sampled, 1.0)) for k, v in roi_losses.items()}
 
         # The batch's sampled proposals, flat. Images without gt have neither gt_boxes nor
         # gt_index on their proposals (all background): stand-ins that are never used.

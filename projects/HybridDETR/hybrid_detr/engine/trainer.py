@@ -1,0 +1,179 @@
+"""HybridDETR's trainer: detectron2's DefaultTrainer with Deformable DETR's optimizer, DETR's data
+augmentation, the COCO evaluator, and what distributed training and exact resume need.
+
+Differences from DefaultTrainer, each for a reason:
+- DDP on CPU (gloo) as well as GPU (`engine.launch.create_ddp_model`);
+- a resumable data loader (`hybrid_detr.data.loader`): batch i and its augmentations are a
+  function of (seed, i), and python/numpy/torch are reseeded from (seed, iteration, rank) before
+  every step. The seed is saved in every checkpoint, so `--resume` continues exactly where an
+  uninterrupted run would be (bit-identical weights on CPU with the same thread count);
+- atomic checkpoints and clear errors on bad weights (`hybrid_detr.checkpoint`);
+- metrics.json / TensorBoard without repeated iterations after a resume (`engine.hooks`);
+- training stops at the first non-finite loss on any worker (`engine.hooks.NonFiniteLossGuard`);
+- datasets and config are checked before the first step (`hybrid_detr.data.validation`,
+  `engine.checks`).
+"""
+import itertools
+import json
+import logging
+import os
+import weakref
+
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import HybridCheckpointer
+from ..data import DetrDatasetMapper, ensure_synthetic_dataset
+from ..data.loader import build_resumable_train_loader, sample_seed, seed_all
+from ..data.validation import load_checked_dataset_dicts
+from .model_analysis import benchmark_model, format_benchmark
+from .checks import check_config
+from .hooks import FlushingPeriodicCheckpointer, NonFiniteLossGuard, ResumableTensorboardWriter, truncate_metrics_json
+from .launch import create_ddp_model
+from .optimizer import build_optimizer
+
+__all__ = ["Trainer", "resolve_seed"]
+
+logger = logging.getLogger("detectron2")
+
+
+def resolve_seed(cfg) -> int:
+    """cfg.SEED, or (SEED < 0) one random seed shared by all workers."""
+    return int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
+class Trainer(DefaultTrainer):
+    # Iterations between two writes of metrics.json / TensorBoard / the console (detectron2: 20).
+    WRITER_PERIOD = 20
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_config(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self.seed = data_loader.batch_sampler.seed
+        ddp = create_ddp_model(model, broadcast_buffers=False)
+        guarded = NonFiniteLossGuard(ddp, lambda: self.iter)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(guarded, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = HybridCheckpointer(ddp, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # -- resume ---------------------------------------------------------------------------------
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        self._trainer.data_loader.batch_sampler.start_iter = self.start_iter
+        if self.start_iter > 0 and comm.is_main_process():
+            truncate_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter - 1)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["seed"] = self.seed
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "seed" in state_dict and state_dict["seed"] != self.seed:
+            logger.info(f"Resume: using the checkpoint's seed {state_dict['seed']} (config: {self.seed})")
+            self.seed = int(state_dict["seed"])
+            self._trainer.data_loader.batch_sampler.seed = self.seed
+            self._trainer.data_loader.dataset.seed = self.seed
+
+    def run_step(self):
+        # Model-side randomness (dropout, DAC's random cap, R-CNN sampling) is a function of the
+        # iteration. The loader's iterator is made first: creating it draws from torch's RNG.
+        self._trainer._data_loader_iter  # noqa: B018
+        seed_all(sample_seed(self.seed, 0x57E9, self.iter, comm.get_rank()))
+        super().run_step()
+
+    # -- hooks and writers ------------------------------------------------------------------------
+    def build_hooks(self):
+        ret = super().build_hooks()
+        writer_hooks = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
+        # The files (not the console printer, whose ETA needs one write per iteration) are flushed
+        # before each checkpoint.
+        writers = [w for w in (writer_hooks[0]._writers if writer_hooks else []) if not isinstance(w, CommonMetricPrinter)]
+        for h in writer_hooks:
+            h._period = self.WRITER_PERIOD
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                ret[i] = FlushingPeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, writers)
+        return ret
+
+    def build_writers(self):
+        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            ResumableTensorboardWriter(self.cfg.OUTPUT_DIR, lambda: self.start_iter),
+        ]
+
+    # -- building blocks ------------------------------------------------------------------------
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def load_train_dataset(cls, cfg):
+        """The training dataset dicts, every dataset checked (files, JSON, images, boxes, classes)
+        so that a broken dataset stops the run here with the dataset, file and problem named."""
+        if cfg.MODEL.LOAD_PROPOSALS:
+            raise ValueError("HybridDETR does not use precomputed proposals: set MODEL.LOAD_PROPOSALS False")
+        num_classes = cfg.MODEL.HYBRID_DETR.NUM_CLASSES
+        datasets = []
+        for name in cfg.DATASETS.TRAIN:
+            classes = MetadataCatalog.get(name).get("thing_classes")
+            if classes is not None and len(classes) != num_classes:
+                raise ValueError(
+                    f"Dataset '{name}' has {len(classes)} classes but MODEL.HYBRID_DETR.NUM_CLASSES is "
+                    f"{num_classes}: set MODEL.HYBRID_DETR.NUM_CLASSES {len(classes)}"
+                )
+            datasets.append(
+                load_checked_dataset_dicts(name, num_classes, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            )
+        return list(itertools.chain.from_iterable(datasets))
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(
+            cls.load_train_dataset(cfg),
+            DetrDatasetMapper(cfg, is_train=True),
+            cfg.SOLVER.IMS_PER_BATCH,
+            resolve_seed(cfg),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        ensure_synthetic_dataset(dataset_name)  # COCOEvaluator opens metadata.json_file at once
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder)
+
+    @classmethod
+    def benchmark(cls, cfg, model, dataset_name=None):
+        """Inference speed and GFLOPs on the images of `dataset_name` (default: the first test set),
+        logged and written to OUTPUT_DIR/inference/benchmark.json."""
+        dataset_name = dataset_name or cfg.DATASETS.TEST[0]
+        result = benchmark_model(model, cls.build_test_loader(cfg, dataset_name))
+        logger.info(format_benchmark(result, dataset_name))
+        path = os.path.join(cfg.OUTPUT_DIR, "inference", "benchmark.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"dataset": dataset_name, **result}, f, indent=2)
+        return result
