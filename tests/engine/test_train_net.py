@@ -22,7 +22,7 @@ from hybrid_detr.data import SYNTHETIC_CLASSES, register_synthetic_datasets
 from hybrid_detr.config import load_config
 from hybrid_detr.engine import build_optimizer, get_param_groups
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT_DIR = os.path.join(ROOT, "projects", "HybridDETR")
 BASE_CONFIG = os.path.join(ROOT, "configs", "Base-HybridDETR.yaml")
 PREFIX = "tiny_synthetic"
