@@ -5,6 +5,10 @@
     python projects/HybridDETR/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
     python projects/HybridDETR/train_net.py --config-file CONFIG --resume   # continue OUTPUT_DIR's last checkpoint
     python projects/HybridDETR/train_net.py --config-file CONFIG --num-gpus 2   # 2 processes (gloo on a CPU)
+    # your own COCO-format data: register it by name, then name it in DATASETS.TRAIN / TEST
+    python projects/HybridDETR/train_net.py --config-file configs/finetune/deformable_detr_r50_finetune.yaml \
+        --dataset mine_train=train.json:images/ --dataset mine_val=val.json:images/ \
+        DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.HYBRID_DETR.NUM_CLASSES 3 MODEL.WEIGHTS coco.pth
 
 Training writes logs (with ETA), metrics.json, TensorBoard events and checkpoints to OUTPUT_DIR, and
 evaluates cfg.DATASETS.TEST with the COCO evaluator every TEST.EVAL_PERIOD iterations and at the end.
@@ -25,6 +29,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import hybrid_detr  # noqa: E402,F401  (registers the HybridDETR meta-architecture)
 from hybrid_detr.checkpoint import HybridCheckpointer  # noqa: E402
 from hybrid_detr.config import load_config  # noqa: E402
+from hybrid_detr.data.custom import check_num_classes, register_dataset_specs  # noqa: E402
 from hybrid_detr.engine.trainer import Trainer  # noqa: E402,F401  (tests and users import it from here)
 
 logger = logging.getLogger("detectron2")
@@ -42,7 +47,9 @@ def setup(args):
 
 
 def main(args):
+    register_dataset_specs(getattr(args, "dataset", ()))
     cfg = setup(args)
+    check_num_classes(cfg)
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -59,8 +66,17 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_DIR",
+        help="register a COCO-format dataset under NAME (repeatable); its classes come from the JSON",
+    )
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,
