@@ -53,7 +53,10 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        HybridCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpoint = HybridCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.MODEL_EMA.ENABLED and "model_ema" in checkpoint:
+            model.load_state_dict(checkpoint["model_ema"]["state"])  # evaluate the EMA weights
+            logger.info("Evaluating the EMA weights of the checkpoint (MODEL_EMA.ENABLED)")
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

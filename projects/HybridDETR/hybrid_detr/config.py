@@ -69,6 +69,13 @@ def add_hybrid_detr_config(cfg):
 
 
 def _add_solver_and_input_config(cfg):
+    # Exponential moving average of the weights, checkpointed, resumed and used for evaluation.
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.999
+    # With SOLVER.AMP.ENABLED: "auto" (bfloat16 on the CPU, float16 with loss scaling on CUDA),
+    # "float16" (CUDA only) or "bfloat16" (engine/mixed_precision.py).
+    cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Deformable DETR trains the offset and reference-point projections at lr * 0.1 too.

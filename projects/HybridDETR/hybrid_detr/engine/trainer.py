@@ -20,7 +20,7 @@ import os
 import weakref
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
@@ -32,6 +32,8 @@ from ..data.loader import build_resumable_train_loader, sample_seed, seed_all
 from ..data.validation import load_checked_dataset_dicts
 from .model_analysis import benchmark_model, format_benchmark
 from .checks import check_config
+from .ema import EMAHook, ModelEMA
+from .mixed_precision import build_step_runner
 from .hooks import FlushingPeriodicCheckpointer, NonFiniteLossGuard, ResumableTensorboardWriter, truncate_metrics_json
 from .launch import create_ddp_model
 from .optimizer import build_optimizer
@@ -62,9 +64,12 @@ class Trainer(DefaultTrainer):
         self.seed = data_loader.batch_sampler.seed
         ddp = create_ddp_model(model, broadcast_buffers=False)
         guarded = NonFiniteLossGuard(ddp, lambda: self.iter)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(guarded, data_loader, optimizer)
+        self._trainer = build_step_runner(cfg, guarded, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = HybridCheckpointer(ddp, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.model_ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        if self.model_ema is not None:
+            self.checkpointer.add_checkpointable("model_ema", self.model_ema)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -109,7 +114,21 @@ class Trainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
                 ret[i] = FlushingPeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, writers)
+        if self.model_ema is not None:
+            # Updated right after the step (before the checkpointer and evaluation hooks run);
+            # evaluation runs on the EMA weights.
+            ret.insert(2, EMAHook(self.model_ema, self.model))
+            for h in ret:
+                if isinstance(h, hooks.EvalHook):
+                    h._func = self._with_ema(h._func)
         return ret
+
+    def _with_ema(self, evaluate):
+        def evaluate_ema():
+            with self.model_ema.applied_to(self.model):
+                return evaluate()
+
+        return evaluate_ema
 
     def build_writers(self):
         os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)

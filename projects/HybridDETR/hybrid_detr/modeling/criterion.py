@@ -79,6 +79,7 @@ class DetectionCriterion(nn.Module):
         classification loss is focal unless given, weighted by `class_weight` or CLASS_WEIGHT."""
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[-1]} classes, the criterion expects {self.num_classes}")
+        logits, boxes = logits.float(), boxes.float()  # losses in float32, also under autocast
         gt_labels, gt_boxes = self.matched_targets(targets, assignment)
         onehot = torch.zeros_like(logits)
         onehot[assignment.batch_index, assignment.query_index, gt_labels] = 1.0

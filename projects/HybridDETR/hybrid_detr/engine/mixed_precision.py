@@ -1,0 +1,60 @@
+"""Mixed-precision training (SOLVER.AMP.ENABLED, SOLVER.AMP.PRECISION).
+
+- CPU: bfloat16 autocast (float16 autocast is refused: the CPU has no float16 fast path); no loss
+  scaling is needed for bfloat16's float32-sized exponent.
+- CUDA: float16 (default) with detectron2's AMPTrainer and its GradScaler, gradients unscaled before
+  the optimizer's full-model clipping (which must see true gradients), or bfloat16.
+The weights and the optimizer state stay float32. The matchers and the losses run in float32 (the
+criterion and matchers cast their inputs). Our MSDeformAttn op runs in the widest dtype of its inputs:
+the sampling locations stay float32 (a bfloat16 location is off by up to half a pixel on a 100-pixel
+level), so under autocast the op runs in float32 on bfloat16-projected values.
+"""
+import torch
+from torch import nn
+
+from detectron2.engine import AMPTrainer, SimpleTrainer
+
+__all__ = ["amp_dtype", "AutocastModel", "build_step_runner"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(cfg) -> torch.dtype:
+    precision, device = cfg.SOLVER.AMP.PRECISION, torch.device(cfg.MODEL.DEVICE).type
+    if precision == "auto":
+        return torch.float16 if device == "cuda" else torch.bfloat16
+    if precision not in _DTYPES:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be 'auto', 'float16' or 'bfloat16', got {precision!r}")
+    if device == "cpu" and precision == "float16":
+        raise ValueError("SOLVER.AMP.PRECISION 'float16' is not supported on the CPU: use 'bfloat16' (or 'auto')")
+    return _DTYPES[precision]
+
+
+class AutocastModel(nn.Module):
+    """Runs the wrapped training model under autocast."""
+
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, batch):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(batch)
+
+
+class _UnscalingAMPTrainer(AMPTrainer):
+    def after_backward(self):
+        # The optimizer clips the full model's gradient norm inside step(): unscale first.
+        self.grad_scaler.unscale_(self.optimizer)
+        super().after_backward()
+
+
+def build_step_runner(cfg, model, data_loader, optimizer):
+    """detectron2's SimpleTrainer, or its mixed-precision counterpart with SOLVER.AMP.ENABLED."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    dtype = amp_dtype(cfg)
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda":
+        return _UnscalingAMPTrainer(model, data_loader, optimizer, precision=dtype)
+    return SimpleTrainer(AutocastModel(model, "cpu", dtype), data_loader, optimizer)
