@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Where a training step's time goes, part by part.
+
+    python tools/profile_step.py --config-file configs/quickstart/deformable_detr_r18_synthetic.yaml \\
+        [--steps 4] [--warmup 1] [--threads 2] [KEY VALUE ...]
+
+Runs a few training steps of the config's model on its training data (DETR's mapper) and prints, per
+part, the mean wall time per step and its share of the step: data loading, backbone, neck, encoder,
+query selection, decoder passes (the one-to-one pass, and the passes each training branch makes),
+each training branch (inclusive of its decoder pass), matchers, losses, backward, optimizer step.
+Parts are timed by forward hooks on the model's modules, so nothing of the model changes; nested parts
+(a branch's decoder pass) are counted in both. The share of our MSDeformAttn op (forward + backward)
+comes from torch.profiler over the same steps. Also printed: the process's peak resident memory.
+"""
+import argparse
+import collections
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR"))
+
+import torch  # noqa: E402
+from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from hybrid_detr.config import load_config  # noqa: E402
+from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
+from hybrid_detr.engine import build_optimizer  # noqa: E402
+
+__all__ = ["PartTimer", "profile_steps", "format_profile", "main"]
+
+
+class PartTimer:
+    """Accumulates the wall time of named module calls through forward pre/post hooks."""
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+        self.calls = collections.defaultdict(int)
+        self._start = {}
+        self._handles = []
+
+    def watch(self, module, name):
+        def before(_module, _args):
+            self._start.setdefault(name, []).append(time.perf_counter())
+
+        def after(_module, _args, _out):
+            self.seconds[name] += time.perf_counter() - self._start[name].pop()
+            self.calls[name] += 1
+
+        self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def add(self, name, seconds):
+        self.seconds[name] += seconds
+        self.calls[name] += 1
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _watch_model(timer, model):
+    timer.watch(model.backbone, "backbone")
+    timer.watch(model.neck, "neck")
+    timer.watch(model.encoder, "encoder")
+    timer.watch(model.query_source, "query selection")
+    timer.watch(model.decoder, "decoder passes")
+    timer.watch(model.matcher, "one-to-one matcher")
+    timer.watch(model.criterion, "losses")
+    for name, branch in model.branches.items():
+        timer.watch(branch, f"branch {name} (incl. its decoder pass)")
+        matcher = getattr(branch, "matcher", None)
+        if isinstance(matcher, torch.nn.Module):
+            timer.watch(matcher, f"branch {name} matcher")
+
+
+def profile_steps(cfg, batches, warmup=1):
+    """Time the parts over len(batches) - warmup training steps; returns a dict."""
+    torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    timer = PartTimer()
+    _watch_model(timer, model)
+    steps = len(batches) - warmup
+    if steps < 1:
+        raise ValueError("need more batches than warm-up steps")
+    op_seconds, total = 0.0, 0.0
+    with EventStorage():
+        for i, (batch, load_seconds) in enumerate(batches):
+            if i == warmup:
+                timer.seconds.clear()
+                timer.calls.clear()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                losses = model(batch)
+                loss = sum(losses.values())
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                t1 = time.perf_counter()
+                optimizer.step()
+                t2 = time.perf_counter()
+            if i >= warmup:
+                timer.add("backward", t1 - t0)
+                timer.add("optimizer step", t2 - t1)
+                timer.add("data loading", load_seconds)
+                total += t2 - start + load_seconds
+                op_seconds += sum(
+                    e.cpu_time_total for e in prof.key_averages() if "ms_deform_attn" in e.key and "::" in e.key
+                ) / 1e6
+    timer.remove()
+    return {
+        "steps": steps,
+        "step_s": total / steps,
+        "parts_s": {name: seconds / steps for name, seconds in timer.seconds.items()},
+        "op_s": op_seconds / steps,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def format_profile(result, title=""):
+    step = result["step_s"]
+    lines = [
+        f"{title}Training step: {step * 1e3:.0f} ms mean over {result['steps']} steps, {result['threads']} threads; "
+        f"peak resident memory {result['peak_rss_mib']:.0f} MiB",
+        f"{'part':<42}{'ms/step':>10}{'share':>9}",
+    ]
+    for name, seconds in sorted(result["parts_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<42}{seconds * 1e3:>10.1f}{seconds / step:>9.1%}")
+    lines.append(f"{'our MSDeformAttn op (fwd + bwd, profiler)':<42}{result['op_s'] * 1e3:>10.1f}{result['op_s'] / step:>9.1%}")
+    return "\n".join(lines)
+
+
+def training_batches(cfg, count):
+    for name in cfg.DATASETS.TRAIN:
+        ensure_synthetic_dataset(name)
+    loader = iter(build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True)))
+    batches = []
+    for _ in range(count):
+        start = time.perf_counter()
+        batch = next(loader)
+        batches.append((batch, time.perf_counter() - start))
+    return batches
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    result = profile_steps(cfg, training_batches(cfg, args.steps + args.warmup), warmup=args.warmup)
+    print(format_profile(result, f"{cfg.MODEL.HYBRID_DETR.DECODER_MODE}: "))
+    return result
+
+
+if __name__ == "__main__":
+    main()
