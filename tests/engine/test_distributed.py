@@ -106,7 +106,7 @@ def _weights(path):
 @pytest.fixture(scope="module")
 def two_process_run(tiny):
     out = os.path.join(tiny.root, "num_gpus_2")
-    log = tiny.run("--num-gpus", 2, "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", "(1,)", "SOLVER.IMS_PER_BATCH", 4, "DATASETS.TEST", "()",
+    log = tiny.run("--num-gpus", 2, "--dist-url", "auto", "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", "(1,)", "SOLVER.IMS_PER_BATCH", 4, "DATASETS.TEST", "()",
                    "OUTPUT_DIR", out)
     return out, log
 
@@ -151,7 +151,7 @@ def test_eval_only_on_two_processes_gives_the_results_of_one(tiny, two_process_r
     results = {}
     for n in (1, 2):
         out = os.path.join(tiny.root, f"eval_{n}")
-        log = tiny.run("--eval-only", "--num-gpus", n, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out)
+        log = tiny.run("--eval-only", "--num-gpus", n, "--dist-url", "auto", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out)
         assert "copypaste: AP,AP50,AP75" in log
         ap_line = log[log.index("copypaste: AP,AP50,AP75"):].splitlines()[1]
         results[n] = (ap_line.split("copypaste: ")[1], bbox_results(out))
@@ -167,7 +167,7 @@ def test_eval_only_on_two_processes_gives_the_results_of_one(tiny, two_process_r
 
 @pytest.mark.slow
 def test_batch_that_does_not_divide_among_two_processes_is_refused_by_both(tiny):
-    proc = subprocess.run(tiny.command("--num-gpus", 2, "SOLVER.IMS_PER_BATCH", 3, "OUTPUT_DIR",
+    proc = subprocess.run(tiny.command("--num-gpus", 2, "--dist-url", "auto", "SOLVER.IMS_PER_BATCH", 3, "OUTPUT_DIR",
                                        os.path.join(tiny.root, "odd_batch")),
                           capture_output=True, text=True, timeout=300, env=tiny.env())
     out = proc.stdout + proc.stderr
