@@ -240,7 +240,7 @@ def main(argv=None):
         print(f"CPU kernels: {_C.cpu_kernel_isa()} (torch CPU capability {torch.backends.cpu.get_cpu_capability()})")
     copy_before = copy_bandwidth(a.device, a.copy_mib)
     print(f"copy bandwidth (STREAM-style copy, {a.copy_mib} MiB): {copy_before / 1e9:.1f} GB/s")
-    header = (f"{'config':<22}{'pass':<9}{'ours ms':>10}{'ref ms':>10}{'speed-up':>10}"
+    header = (f"{'config':<26}{'pass':<9}{'ours ms':>10}{'ref ms':>10}{'speed-up':>10}"
               f"{'GB/s':>8}{'% copy':>8}{'gather GB/s':>12}"
               f"{'ours MiB':>10}{'ref MiB':>10}{'mem ratio':>10}")
     print(header)
@@ -261,9 +261,9 @@ def main(argv=None):
             compulsory, gathered = traffic_bytes(cfg, mode, dtype)
             bw = f"{compulsory / t_ours / 1e9:>8.1f}{100 * compulsory / t_ours / copy_before:>7.0f}%" \
                  f"{gathered / t_ours / 1e9:>12.1f}"
-            print(f"{label:<22}{mode:<9}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>9.2f}x{bw}{mem}",
+            print(f"{label:<26}{mode:<9}{t_ours * 1e3:>10.2f}{t_ref * 1e3:>10.2f}{t_ref / t_ours:>9.2f}x{bw}{mem}",
                   flush=True)
-        print(f"{'':<22}S={S}, Lq={cfg['Lq'] or S}, N={cfg['N']}, M={cfg['M']}, D={cfg['D']}, "
+        print(f"{'':<26}S={S}, Lq={cfg['Lq'] or S}, N={cfg['N']}, M={cfg['M']}, D={cfg['D']}, "
               f"L={len(cfg['shapes'])}, P={cfg['P']}")
     copy_after = copy_bandwidth(a.device, a.copy_mib)
     print(f"copy bandwidth after the table: {copy_after / 1e9:.1f} GB/s (before: {copy_before / 1e9:.1f} GB/s; "
