@@ -37,6 +37,8 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
 
 // The CPU kernel variant in use: "baseline", "avx2" or "avx512" (cpu/ms_deform_attn_cpu.cpp).
 const char* cpu_kernel_isa();
+// The CPU kernel variants compiled in, e.g. "baseline,avx2,avx512".
+const char* cpu_kernel_variants();
 
 // Whether the CUDA backward takes its deterministic path (no float atomics on grad_value): when
 // torch.use_deterministic_algorithms(True) is on, unless HYBRID_DETR_CUDA_BACKWARD=atomic forces

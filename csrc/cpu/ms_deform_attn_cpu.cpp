@@ -143,6 +143,17 @@ const char* cpu_kernel_isa() {
   return select_kernels().isa;
 }
 
+const char* cpu_kernel_variants() {
+  return "baseline"
+#ifdef HYBRID_DETR_CPU_AVX2
+         ",avx2"
+#endif
+#ifdef HYBRID_DETR_CPU_AVX512
+         ",avx512"
+#endif
+      ;
+}
+
 TORCH_LIBRARY_IMPL(hybrid_detr, CPU, m) {
   m.impl("ms_deform_attn", TORCH_FN(ms_deform_attn_forward_cpu));
   m.impl("_ms_deform_attn_backward", TORCH_FN(ms_deform_attn_backward_cpu));

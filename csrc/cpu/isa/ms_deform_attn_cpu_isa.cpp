@@ -139,15 +139,6 @@ inline void vstore(BF16* p, VF v) {
   std::memcpy(p, &h, sizeof h);
 }
 
-template <typename V>
-inline auto hsum(V v) -> decltype(v[0] + v[0]) {
-  decltype(v[0] + v[0]) s = 0;
-  for (int j = 0; j < int(sizeof(V) / sizeof(v[0])); ++j) {
-    s += v[j];
-  }
-  return s;
-}
-
 // Start the loads of a row's cache lines (at most 4): the corner rows of all the samples of an
 // output row are requested while their weights are computed, before the channel loops use them.
 template <typename scalar_t>
@@ -253,10 +244,29 @@ void forward(const Problem& p, const void* value_, const void* loc_, const void*
 }
 
 // --- backward ---
-// Sum of the lanes of each of a, b, c: rotate-and-add folds (independent chains, no serial sum).
+// Sum of the lanes of a vector: rotate-and-add folds (a short dependency chain, no serial sum).
+// GCC before 12 has no __builtin_shufflevector: it gets __builtin_shuffle with a mask vector.
+typedef int32_t VI32 __attribute__((vector_size(HYBRID_DETR_VEC_BYTES)));
+typedef int64_t VI64 __attribute__((vector_size(HYBRID_DETR_VEC_BYTES)));
+template <typename V>
+struct MaskOf;
+template <>
+struct MaskOf<VF> {
+  using type = VI32;
+};
+template <>
+struct MaskOf<VD> {
+  using type = VI64;
+};
+
 template <typename V, int Shift, size_t... I>
 inline V rotate(V v, std::index_sequence<I...>) {
+#if defined(__clang__)
   return __builtin_shufflevector(v, v, ((I + Shift) % sizeof...(I))...);
+#else
+  const typename MaskOf<V>::type mask = {((I + Shift) % sizeof...(I))...};
+  return __builtin_shuffle(v, mask);
+#endif
 }
 template <typename V, int Width>
 inline V fold(V v) {
