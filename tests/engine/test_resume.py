@@ -123,3 +123,32 @@ def test_last_checkpoint_naming_a_missing_file_is_a_clear_error(tmp_path):
     checkpointer = HybridCheckpointer(torch.nn.Linear(3, 2), str(tmp_path))
     with pytest.raises(RuntimeError, match=r"last_checkpoint names model_0000009\.pth, which does not exist"):
         checkpointer.resume_or_load("", resume=True)
+
+
+def test_a_random_seed_is_taken_back_from_the_checkpoint(tiny, tmp_path):
+    """SEED -1 draws a seed at the first start; --resume must reuse it (not draw another), or the
+    data order and augmentations after the resume would differ."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import train_net
+    from hybrid_detr.config import load_config
+    from hybrid_detr.data import register_synthetic_datasets
+    from tiny_runs import PREFIX, SPLITS
+
+    names = register_synthetic_datasets(root=tiny.datasets, prefix=PREFIX, **SPLITS)
+    try:
+        cfg = load_config(tiny.config, ["SEED", "-1", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
+        first, second = train_net.Trainer(cfg), train_net.Trainer(cfg)
+        assert first.seed != second.seed
+        first.iter = 0
+        first.checkpointer.save("model_0000000")
+        second.resume_or_load(resume=True)
+        assert second.start_iter == 1 and second.seed == first.seed
+        first.data_loader.batch_sampler.start_iter = 1
+        a, b = next(iter(first.data_loader)), next(iter(second.data_loader))
+        assert [x["image_id"] for x in a] == [x["image_id"] for x in b]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
