@@ -79,7 +79,11 @@ def argument_parser():
 
 
 def invoke_main() -> None:
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args()
+    if args.num_machines == 1 and args.dist_url == parser.get_default("dist_url"):
+        # detectron2's default port is fixed per user: two jobs on one machine would collide.
+        args.dist_url = "auto"
     print("Command Line Args:", args)
     launch(
         main,

@@ -184,6 +184,15 @@ def test_truncated_png(dataset):
         _build(d)
 
 
+def test_image_broken_after_the_check_is_named_by_the_mapper(dataset):
+    d = dataset()
+    loader = _build(d, "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False)
+    (d.image_root / "3.jpg").write_text("gone bad")
+    record = next(r for r in DatasetCatalog.get(d.name) if r["image_id"] == 3)
+    with pytest.raises(OSError, match=r"Cannot read image '.*3\.jpg' \(image_id 3\)"):
+        loader.dataset.mapper(record)
+
+
 def test_image_size_differs_from_json(dataset):
     d = dataset()
     _write_image(d.image_root / "2.jpg", w=SIZE + 16, h=SIZE)

@@ -119,7 +119,9 @@ class TinySetup:
     def start(self, *args, env=None):
         """A running train_net.py (stdout and stderr to <root>/log-<pid>.txt)."""
         log = open(os.path.join(self.root, f"log-{len(os.listdir(self.root))}.txt"), "w")
-        proc = subprocess.Popen(self.command(*args), stdout=log, stderr=subprocess.STDOUT, env=env or self.env())
+        # Its own process group: killing the group also kills the workers `launch` spawned.
+        proc = subprocess.Popen(self.command(*args), stdout=log, stderr=subprocess.STDOUT, env=env or self.env(),
+                                start_new_session=True)
         proc.log_path = log.name
         log.close()
         return proc

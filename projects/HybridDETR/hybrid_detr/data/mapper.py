@@ -61,3 +61,11 @@ class DetrDatasetMapper(DatasetMapper):
             "use_keypoint": False,
             "recompute_boxes": False,
         }
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as e:  # PIL: unreadable / truncated file (after the up-front check)
+            raise OSError(
+                f"Cannot read image '{dataset_dict.get('file_name')}' (image_id {dataset_dict.get('image_id')!r}): {e}"
+            ) from e

@@ -154,7 +154,9 @@ def validate_coco_json(json_file, dataset_name):
         if missing:
             _json_fail(dataset_name, json_file, f"annotation {a.get('id', '?')!r} lacks {missing}")
         if a["image_id"] not in images:
-            _json_fail(dataset_name, json_file, f"annotation {a.get('id')!r} names image id {a['image_id']!r}, not in 'images'")
+            _json_fail(
+                dataset_name, json_file, f"annotation {a.get('id')!r} names image id {a['image_id']!r}, not in 'images'"
+            )
         if a["category_id"] not in categories:
             _json_fail(
                 dataset_name, json_file,
@@ -209,7 +211,10 @@ def check_image_files(dataset_dicts, dataset_name):
     for record in dataset_dicts[rank::world]:
         what = _image_problem(record)
         if what:
-            problem = f"Dataset '{dataset_name}', image '{record.get('file_name')}' (image_id {record.get('image_id')!r}): {what}"
+            problem = (
+                f"Dataset '{dataset_name}', image '{record.get('file_name')}' "
+                f"(image_id {record.get('image_id')!r}): {what}"
+            )
             break
     problems = comm.all_gather(problem) if world > 1 else [problem]
     problems = [p for p in problems if p]
@@ -223,7 +228,8 @@ def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, che
     from .registration import ensure_synthetic_dataset
 
     if dataset_name not in DatasetCatalog.list():
-        raise KeyError(f"Dataset '{dataset_name}' is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
+        registered = ", ".join(sorted(DatasetCatalog.list()))
+        raise KeyError(f"Dataset '{dataset_name}' is not registered; registered: {registered}")
     ensure_synthetic_dataset(dataset_name)
     json_file = MetadataCatalog.get(dataset_name).get("json_file")
     if json_file:

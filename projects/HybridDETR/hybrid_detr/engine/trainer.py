@@ -108,7 +108,8 @@ class Trainer(DefaultTrainer):
         writer_hooks = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
         # The files (not the console printer, whose ETA needs one write per iteration) are flushed
         # before each checkpoint.
-        writers = [w for w in (writer_hooks[0]._writers if writer_hooks else []) if not isinstance(w, CommonMetricPrinter)]
+        writers = writer_hooks[0]._writers if writer_hooks else []
+        writers = [w for w in writers if not isinstance(w, CommonMetricPrinter)]
         for h in writer_hooks:
             h._period = self.WRITER_PERIOD
         for i, h in enumerate(ret):
