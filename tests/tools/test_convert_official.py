@@ -133,6 +133,12 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
     # A Deformable-DETR-like checkpoint with extra modules (e.g. a DAC-DETR release's label encoder).
     source, _ = _official_checkpoint(tmp_path, "two_stage", **{"label_enc.weight": torch.zeros(92, 256)})
     _assert_refused(tmp_path, source, "does not know: label_enc.weight")
+    # Per-layer heads without the decoder's refinement aliases: not one of the official variants.
+    state = seeded_state_dict(deformable_detr_keys("plain"))
+    state["class_embed.3.bias"] = state["class_embed.3.bias"] + 1
+    source = tmp_path / "odd_heads.pth"
+    torch.save({"model": state}, str(source))
+    _assert_refused(tmp_path, source, "different per-layer heads")
     # A model of another size.
     source, _ = _official_checkpoint(tmp_path, "plain", **{"transformer.encoder.layers.0.linear1.weight": torch.zeros(2048, 256)})
     _assert_refused(tmp_path, source, "does not fit.*ffn.linear1.weight")
