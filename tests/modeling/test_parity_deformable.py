@@ -257,3 +257,35 @@ def test_raw_predictions_are_the_last_layer_in_inference_mode():
     expected = torch.tensor([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
     expected = expected.clamp(min=0).clamp(max=torch.tensor([width, height, width, height]))
     assert torch.allclose(results[0]["instances"].pred_boxes.tensor[0], expected, atol=1e-3)
+
+
+def test_two_stage_mask_invalid_false_ranks_invalid_proposals_as_the_official_code():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(TWO_STAGE_MASK_INVALID=False, **TWO_STAGE)).eval()
+    source = model.query_source
+    encoder_head = source.heads.class_heads[source.encoder_head_index]
+    images, padding = model.preprocess_image(synthetic_batch())
+    with torch.no_grad():
+        # Invalid tokens have a zeroed feature, hence one shared logit: make it the best (a class-0
+        # weight along that feature's normalised projection; every token's is as long).
+        memory = model.encode(images.tensor, padding)
+        zero_feature = source.memory_norm(source.memory_proj(torch.zeros(1, 64)))[0]
+        encoder_head.weight[0] = zero_feature
+        encoder_head.bias[0] = 0.0
+        queries, (logits, boxes) = source(memory)
+    _, valid = source.token_proposals(memory)
+    assert (~valid[1]).any()  # the smaller image is padded
+    assert torch.equal(boxes[~valid], torch.ones_like(boxes[~valid]))  # the official infinite log-odds
+    assert (logits[~valid] != -1e4).all()  # not masked: the loss trains them as background
+    assert (logits[~valid][:, 0] >= logits[valid][:, 0].max()).all()
+    # They rank first, and their reference boxes are (1, 1, 1, 1).
+    assert torch.equal(queries.reference[1, 0], torch.ones(4))
+    masked = build_model(tiny_cfg(**TWO_STAGE)).eval()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        masked_queries, (masked_logits, _) = masked.query_source(memory)
+    assert (masked_queries.reference != 1).any(-1).all()
+    assert (masked_logits[~valid] == -1e4).all()
+    model.train()
+    losses = model(synthetic_batch())
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["enc_loss_class"] > 0

@@ -36,6 +36,11 @@ def add_hybrid_detr_config(cfg):
     model.NUM_QUERIES = 300
     model.WITH_BOX_REFINE = False
     model.TWO_STAGE = False
+    # Two-stage only: padding tokens and proposals outside (0.01, 0.99) are left out of the top-k
+    # and of the encoder loss (ours). False: as the official code, they are ranked with the rest
+    # (zeroed feature, box (1, 1, 1, 1)) and trained as background; what a converted official
+    # checkpoint needs to give exactly the official outputs.
+    model.TWO_STAGE_MASK_INVALID = True
     # Two-stage only: DINO's mixed query selection (as in H-DETR, DAC-DETR and Co-DETR's "++"
     # query head): reference boxes and positional queries from the selected encoder proposals,
     # content queries learned (an embedding of NUM_QUERIES x HIDDEN_DIM). Off: Deformable DETR's

@@ -121,6 +121,14 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
             f"deformable_detr checkpoint: {num_heads} class heads for {num_decoder_layers} decoder layers"
             f"{' + two-stage' if two_stage else ''}"
         )
+    if not refine:  # one head shared by every layer: its copies in the checkpoint must agree
+        for key in reader.keys_with_prefix("class_embed.") + reader.keys_with_prefix("bbox_embed."):
+            first = key.split(".", 1)[0] + ".0." + key.split(".", 2)[2]
+            if not torch.equal(official[key], official[first]):
+                raise ConversionError(
+                    f"deformable_detr checkpoint without box refinement (no transformer.decoder.bbox_embed) has "
+                    f"different per-layer heads ({key} != {first}): not an official Deformable DETR model"
+                )
     heads = {}
     for i in range(num_heads):
         encoder_head = two_stage and i == num_decoder_layers

@@ -66,7 +66,9 @@ class HybridDETR(nn.Module):
             layers, heads, refine_boxes=m.WITH_BOX_REFINE, look_forward_twice=m.LOOK_FORWARD_TWICE
         )
         if m.TWO_STAGE:
-            self.query_source = TwoStageQueries(m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION)
+            self.query_source = TwoStageQueries(
+                m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION, mask_invalid=m.TWO_STAGE_MASK_INVALID
+            )
         elif m.MIXED_SELECTION:
             raise ValueError("MODEL.HYBRID_DETR.MIXED_SELECTION needs TWO_STAGE: True (it selects encoder proposals)")
         else:

@@ -290,18 +290,23 @@ class TwoStageQueries(nn.Module):
     top-k proposals become the queries' reference boxes and positions.
 
     As in the official code the encoder head is class-agnostic: proposals are ranked by logit 0
-    alone (the meta-architecture trains that head with every target labelled 0). One deliberate
-    difference: padding tokens and tokens whose proposal leaves (0.01, 0.99) are masked out
-    *before* the top-k (the official code ranks them too, with a zeroed feature and an infinite
-    box); on an unpadded image with confident proposals both pick the same k.
+    alone (the meta-architecture trains that head with every target labelled 0). Invalid tokens
+    (padding, or a proposal outside (0.01, 0.99)) get a zeroed feature in both. `mask_invalid`
+    (our default, TWO_STAGE_MASK_INVALID) then masks them out of the top-k and of the encoder loss;
+    without it they behave as in the official code: their box is (1, 1, 1, 1) (the official
+    infinite log-odds), they are ranked with the rest and trained as background (what a converted
+    official checkpoint needs to give the official outputs).
 
     `mixed_selection` (DINO's mixed query selection, as in H-DETR, DAC-DETR and Co-DETR's "++"
     head): the positions still come from the selected proposals, the content queries are learned
     embeddings instead of the proposals' embedding halves.
     """
 
-    def __init__(self, num_queries, d_model, heads: PredictionHeads, mixed_selection: bool = False):
+    def __init__(
+        self, num_queries, d_model, heads: PredictionHeads, mixed_selection: bool = False, mask_invalid: bool = True
+    ):
         super().__init__()
+        self.mask_invalid = mask_invalid
         self.num_queries = num_queries
         self.heads = heads
         self.encoder_head_index = len(heads.class_heads) - 1
@@ -336,8 +341,16 @@ class TwoStageQueries(nn.Module):
         tokens = memory.memory.masked_fill(~valid[..., None], 0.0)
         tokens = self.memory_norm(self.memory_proj(tokens))
         logits, boxes = self.heads.predict(self.encoder_head_index, tokens, proposals)
-        # Class-agnostic ranking by logit 0 (the official `enc_outputs_class[..., 0]`).
-        scores = logits[..., 0].masked_fill(~valid, float("-inf"))
+        if self.mask_invalid:
+            # Class-agnostic ranking by logit 0 (the official `enc_outputs_class[..., 0]`).
+            scores = logits[..., 0].masked_fill(~valid, float("-inf"))
+            # Padding and border tokens take no part in the encoder loss: a very negative logit
+            # makes them confident background (-inf would give NaN in the focal loss).
+            encoder_predictions = (logits.masked_fill(~valid[..., None], -1e4), boxes)
+        else:
+            boxes = boxes.masked_fill(~valid[..., None], 1.0)
+            scores = logits[..., 0]
+            encoder_predictions = (logits, boxes)
         k = min(self.num_queries, scores.shape[1])
         topk = scores.topk(k, dim=1).indices
         reference = boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
@@ -345,9 +358,6 @@ class TwoStageQueries(nn.Module):
         position, content = embedded.to(memory.memory.dtype).chunk(2, dim=-1)
         if self.mixed_selection:
             content = self.content.weight[:k].to(position.dtype)[None].expand(position.shape[0], -1, -1)
-        # Padding and border tokens take no part in the encoder loss: a very negative logit makes
-        # them confident background (-inf would give NaN in the focal loss).
-        encoder_predictions = (logits.masked_fill(~valid[..., None], -1e4), boxes)
         return QueryGroup(content, position, reference), encoder_predictions
 
 
