@@ -301,3 +301,36 @@ def test_roi_head_size_keys_default_to_official_and_the_quickstart_scales_them_d
     for key in ("RPN_ANCHOR_SCALE", "RPN_SCALES_PER_OCTAVE", "RPN_LOW_QUALITY_MIN_IOU", "ZERO_PADDING", "HEAD_EMBED",
                 "POS_QUERY_SUBSET", "ATSS_ANCHOR_OFFSET", "MIN_POS_QUERIES", "MAX_POS_QUERIES", "LAMBDA1", "LAMBDA2"):
         assert q[key] == co[key], key
+
+
+@pytest.mark.parametrize("zero_padding", [False, True])
+def test_the_branch_pads_with_negatives_unless_zero_padding(zero_padding):
+    from detectron2.modeling import build_model
+
+    from model_helpers import synthetic_batch
+
+    cfg = co_cfg(ZERO_PADDING=zero_padding, HEAD_EMBED="vector" if zero_padding else "scalar")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    branch = model.branches["co_detr"]
+    assert branch.zero_padding is zero_padding and branch.subset == "random"
+    groups = []
+    decode = model.decoder.forward
+
+    def spy(group, memory, *args, **kwargs):
+        groups.append(group)
+        return decode(group, memory, *args, **kwargs)
+
+    model.decoder.forward = spy
+    with EventStorage():
+        losses = model(synthetic_batch())  # image 0: 3 objects, image 1: none
+    assert all(torch.isfinite(v) for v in losses.values())
+    group = groups[-1]  # the positive-query pass (after the one-to-one pass)
+    padding = group.padding_mask
+    if zero_padding:
+        assert padding[1].all()  # the image without objects: padding only
+    else:
+        # Every slot holds a positive or a negative: the heads have plenty of negatives.
+        assert not padding.any()
+    # Either way the image without objects has no positive (no box loss target).
+    assert losses["co_atss_query_loss_class"] > 0
