@@ -26,10 +26,16 @@ def _flatten(node, prefix=""):
     [
         ("quickstart/dac_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dac"}),
         ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "smca"}),
-        ("quickstart/co_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "co_detr"}),
         ("quickstart/dense_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dense"}),
         # dense vs smca: the Gaussian prior is the only difference
         ("quickstart/smca_detr_r18_synthetic.yaml", "quickstart/dense_detr_r18_synthetic.yaml", {MODE: "smca"}),
+        # Co-DETR's own Faster R-CNN sizes, scaled to the quickstart's ~128 px images (read by co_detr only).
+        ("quickstart/co_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "co_detr", **{
+            f"MODEL.HYBRID_DETR.CO_DETR.{k}": v for k, v in {
+                "RPN_PRE_NMS_TOPK_TRAIN": 300, "RPN_POST_NMS_TOPK_TRAIN": 100, "ROI_BATCH_SIZE_PER_IMAGE": 32,
+                "ROI_FC_DIM": 256, "ROI_POOLER_SAMPLING_RATIO": 1,
+            }.items()
+        }}),
         # the papers' "Deformable-DETR" rows are two-stage + box refinement ("++")
         ("coco/dac_deformable_detr_r50_12ep.yaml", "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml", {MODE: "dac"}),
         (

@@ -276,3 +276,61 @@ def test_aux_losses_scaled_by_lambda2_times_decoder_layers():
 def test_atss_loss_weights_are_1_2_1():
     head = tiny_branch().heads["atss"]
     assert (head.class_weight, head.giou_weight, head.centerness_weight) == (1.0, 2.0, 1.0)
+
+
+def test_roi_head_size_keys_default_to_official_and_the_quickstart_scales_them_down():
+    import os
+
+    from hybrid_detr.config import load_config
+
+    co = default_co()
+    assert (co.ROI_FC_DIM, co.ROI_POOLER_SAMPLING_RATIO) == (1024, 0)
+    head = FasterRCNNAuxHead(co_cfg(), 64, STRIDES)
+    assert head.roi_heads.box_head.fc1.out_features == 1024 and head.roi_heads.box_head.fc2.out_features == 1024
+    assert head.roi_heads.box_pooler.level_poolers[0].sampling_ratio == 0
+    assert head.rpn.pre_nms_topk[True] == 4000 and head.rpn.post_nms_topk[True] == 1000
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, "configs", "quickstart", "co_detr_r18_synthetic.yaml"))
+    q = cfg.MODEL.HYBRID_DETR.CO_DETR
+    assert (q.ROI_BATCH_SIZE_PER_IMAGE, q.ROI_FC_DIM, q.ROI_POOLER_SAMPLING_RATIO) == (32, 256, 1)
+    assert (q.RPN_PRE_NMS_TOPK_TRAIN, q.RPN_POST_NMS_TOPK_TRAIN) == (300, 100)
+    head = FasterRCNNAuxHead(cfg, cfg.MODEL.HYBRID_DETR.HIDDEN_DIM, STRIDES[:4])
+    assert head.roi_heads.batch_size_per_image == 32 and head.roi_heads.box_head.fc1.out_features == 256
+    assert head.roi_heads.box_pooler.level_poolers[0].sampling_ratio == 1
+    # Everything else stays official.
+    for key in ("RPN_ANCHOR_SCALE", "RPN_SCALES_PER_OCTAVE", "RPN_LOW_QUALITY_MIN_IOU", "ZERO_PADDING", "HEAD_EMBED",
+                "POS_QUERY_SUBSET", "ATSS_ANCHOR_OFFSET", "MIN_POS_QUERIES", "MAX_POS_QUERIES", "LAMBDA1", "LAMBDA2"):
+        assert q[key] == co[key], key
+
+
+@pytest.mark.parametrize("zero_padding", [False, True])
+def test_the_branch_pads_with_negatives_unless_zero_padding(zero_padding):
+    from detectron2.modeling import build_model
+
+    from model_helpers import synthetic_batch
+
+    cfg = co_cfg(ZERO_PADDING=zero_padding, HEAD_EMBED="vector" if zero_padding else "scalar")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    branch = model.branches["co_detr"]
+    assert branch.zero_padding is zero_padding and branch.subset == "random"
+    groups = []
+    decode = model.decoder.forward
+
+    def spy(group, memory, *args, **kwargs):
+        groups.append(group)
+        return decode(group, memory, *args, **kwargs)
+
+    model.decoder.forward = spy
+    with EventStorage():
+        losses = model(synthetic_batch())  # image 0: 3 objects, image 1: none
+    assert all(torch.isfinite(v) for v in losses.values())
+    group = groups[-1]  # the positive-query pass (after the one-to-one pass)
+    padding = group.padding_mask
+    if zero_padding:
+        assert padding[1].all()  # the image without objects: padding only
+    else:
+        # Every slot holds a positive or a negative: the heads have plenty of negatives.
+        assert not padding.any()
+    # Either way the image without objects has no positive (no box loss target).
+    assert losses["co_atss_query_loss_class"] > 0

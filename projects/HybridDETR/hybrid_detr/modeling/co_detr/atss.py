@@ -167,7 +167,8 @@ class ATSSHead(nn.Module):
         def tower():
             layers = []
             for _ in range(stacked_convs):
-                layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), group_norm(in_channels), nn.ReLU(inplace=True)]
+                # No conv bias before the GroupNorm (mmcv ConvModule, bias='auto').
+                layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False), group_norm(in_channels), nn.ReLU(inplace=True)]
             return nn.Sequential(*layers)
 
         self.cls_tower, self.reg_tower = tower(), tower()
@@ -178,7 +179,8 @@ class ATSSHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_logits.bias, -4.59511985013459)  # prior p = 0.01
 
     def predict(self, maps: List[torch.Tensor]):

@@ -60,6 +60,9 @@ def add_co_detr_config(cfg):
     co.RPN_PRE_NMS_TOPK_TRAIN = 4000  # rpn_proposal nms_pre, line 178
     co.RPN_POST_NMS_TOPK_TRAIN = 1000  # rpn_proposal max_per_img, line 179
     co.ROI_BATCH_SIZE_PER_IMAGE = 512  # rcnn sampler num, line 192
+    co.ROI_FC_DIM = 1024  # Shared2FCBBoxHead fc_out_channels, line 114
+    # RoIAlign samples per bin and axis; 0 = adaptive, ceil(bin size in cells) (sampling_ratio=0, line 107).
+    co.ROI_POOLER_SAMPLING_RATIO = 0
     # Official: L1 on the RPN deltas, GIoU (weight 10) on the RoI head's decoded boxes.
     co.RPN_BBOX_REG_LOSS_TYPE = "smooth_l1"  # with SMOOTH_L1_BETA 0, i.e. L1
     co.ROI_BBOX_REG_LOSS_TYPE = "giou"

@@ -128,10 +128,10 @@ def rcnn_config(cfg, level_names: Sequence[str], strides: Sequence[int]):
     box.NAME = "FastRCNNConvFCHead"
     box.NUM_CONV = 0
     box.NUM_FC = 2
-    box.FC_DIM = 1024
+    box.FC_DIM = co.ROI_FC_DIM
     box.NORM = ""
     box.POOLER_RESOLUTION = 7
-    box.POOLER_SAMPLING_RATIO = 0
+    box.POOLER_SAMPLING_RATIO = co.ROI_POOLER_SAMPLING_RATIO
     box.POOLER_TYPE = "ROIAlignV2"
     box.CLS_AGNOSTIC_BBOX_REG = False
     box.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
