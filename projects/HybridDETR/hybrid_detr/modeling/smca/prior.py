@@ -153,8 +153,12 @@ class GaussianPrior(nn.Module):
         self.sets = len(self.level_strides) if self.level_priors else 1
         self.center_offsets = nn.Linear(d_model, self.sets * self.groups * 2)
         self.inverse_scales = nn.Linear(d_model, self.sets * self.groups * 2)
-        # The release: offsets xavier (bias: Linear's default), so heads start apart; a = 1/s
-        # starts at 1 (weight 0, bias 1), so every map starts as exp(-factor d^2 / beta).
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The release's init: offsets xavier (bias: Linear's default), so heads start apart;
+        a = 1/s starts at 1 (weight 0, bias 1), so every map starts as exp(-factor d^2 / beta)."""
+        self.center_offsets.reset_parameters()
         nn.init.xavier_uniform_(self.center_offsets.weight)
         nn.init.zeros_(self.inverse_scales.weight)
         nn.init.ones_(self.inverse_scales.bias)
