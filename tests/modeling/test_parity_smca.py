@@ -156,3 +156,18 @@ def test_tiny_model_uses_level_priors():
     model = build_model(tiny_cfg(DECODER_MODE="smca"))
     prior = model.decoder.layers[0].cross_attn.prior
     assert prior.level_priors and len(prior.levels) == prior.sets
+
+
+def test_reset_parameters_restores_the_release_init():
+    """GaussianPrior and ScaleSelection re-apply their own (the release's) init on reset, for the
+    transformer's xavier pass followed by each module's reset."""
+    torch.manual_seed(0)
+    attention = SMCACrossAttention(64, 8, [0, 1, 2, 3], level_strides=STRIDES)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.fill_(0.123)
+    attention.prior.reset_parameters()
+    attention.scale_selection.reset_parameters()
+    assert (attention.prior.inverse_scales.weight == 0).all() and (attention.prior.inverse_scales.bias == 1).all()
+    for linear in (attention.prior.center_offsets, attention.scale_selection):
+        assert linear.weight.std() > 0.01 and (linear.bias != 0.123).all()

@@ -156,8 +156,9 @@ class GaussianPrior(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # The release: offsets xavier (bias: Linear's default), so heads start apart; a = 1/s
-        # starts at 1 (weight 0, bias 1), so every map starts as exp(-factor d^2 / beta).
+        """The release's init: offsets xavier (bias: Linear's default), so heads start apart;
+        a = 1/s starts at 1 (weight 0, bias 1), so every map starts as exp(-factor d^2 / beta)."""
+        self.center_offsets.reset_parameters()
         nn.init.xavier_uniform_(self.center_offsets.weight)
         nn.init.zeros_(self.inverse_scales.weight)
         nn.init.ones_(self.inverse_scales.bias)
