@@ -91,7 +91,7 @@ def plot_metrics(output_dir_or_file: str, png: Optional[str] = None, title: Opti
         ax_terms.set_yscale("log")
     ax_terms.set_title("loss terms (last decoder layer; per-layer aux terms omitted)", fontsize=11)
     if ax_terms.lines:
-        ax_terms.legend(fontsize=8, ncol=2 if len(ax_terms.lines) > 6 else 1, loc="upper right")
+        ax_terms.legend(fontsize=8, ncol=2 if len(ax_terms.lines) > 6 else 1, loc="best")
 
     markers = ["o", "s", "^", "D", "v", "x"]
     for i, key in enumerate(aps):
