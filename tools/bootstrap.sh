@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
 D2_PIN="sal-detectron2==0.7.2"
-PY_DEPS="scipy fvcore iopath pycocotools omegaconf hydra-core yacs tabulate termcolor cloudpickle tqdm tensorboard matplotlib Pillow opencv-python-headless ninja pytest"
+PY_DEPS="scipy fvcore iopath pycocotools omegaconf hydra-core yacs tabulate termcolor cloudpickle tqdm tensorboard matplotlib Pillow opencv-python-headless ninja pytest onnx onnxruntime onnxscript"
 
 say() { echo "[bootstrap] $*"; }
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
@@ -17,7 +17,7 @@ if ! "$PY" -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(1,
     pip_install $TORCH_PIN
 fi
 
-if ! "$PY" -c "import fvcore, iopath, pycocotools, omegaconf, yacs, tabulate, termcolor, cloudpickle, tqdm, tensorboard, matplotlib, PIL, cv2, scipy, ninja, pytest" 2>/dev/null; then
+if ! "$PY" -c "import fvcore, iopath, pycocotools, omegaconf, yacs, tabulate, termcolor, cloudpickle, tqdm, tensorboard, matplotlib, PIL, cv2, scipy, ninja, pytest, onnx, onnxruntime, onnxscript" 2>/dev/null; then
     say "installing Python dependencies"
     pip_install $PY_DEPS
 fi

@@ -2,7 +2,8 @@
 # The main job: installs what is missing (tools/bootstrap.sh), trains the quickstart model on the CPU
 # (Deformable DETR, ResNet-18 from scratch, on the embedded synthetic shapes dataset, generated on
 # first use under $DETECTRON2_DATASETS, default ./datasets), then evaluates it: the COCO AP table,
-# inference speed (images/s) and GFLOPs.
+# inference speed (images/s) and GFLOPs; last, draws the training curves and detections on a few
+# val images (PNGs, paths printed).
 #   bash tools/quickstart.sh                       # as configured (~13 min of training on 2 cores)
 #   bash tools/quickstart.sh SOLVER.MAX_ITER 200   # KEY VALUE pairs override the config (both steps)
 #   OUTPUT_DIR=/tmp/qs bash tools/quickstart.sh    # where checkpoints, logs and metrics go
@@ -27,3 +28,18 @@ done_at=$(date +%s)
 
 echo "[quickstart] done: training (with its final evaluation) $(( (trained - start) / 60 )) min $(( (trained - start) % 60 )) s," \
      "evaluation + benchmark $(( done_at - trained )) s. Logs, metrics.json, TensorBoard events and checkpoints: $OUT"
+
+# Pictures: the training curves (loss terms and AP over iterations, from metrics.json) and the
+# trained model's detections on the first val images.
+echo "[quickstart] pictures"
+curves=$("$PY" tools/plot_metrics.py "$OUT")
+val_images="${DETECTRON2_DATASETS:-datasets}/hybrid_synthetic/val/images"
+demos=()
+for image in $(ls "$val_images" | sort | head -n 3); do
+    demo="$OUT/demo/${image%.*}.png"
+    "$PY" projects/HybridDETR/demo.py --config-file "$CONFIG" --input "$val_images/$image" --output "$demo" \
+        --confidence-threshold 0.3 --opts MODEL.WEIGHTS "$OUT/model_final.pth" "$@" > /dev/null
+    demos+=("$demo")
+done
+echo "[quickstart] training curves: $curves"
+echo "[quickstart] detections (score >= 0.3) on val images: ${demos[*]}"

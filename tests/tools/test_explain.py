@@ -1,0 +1,162 @@
+"""tools/explain.py: the attention views are drawn, from what the model really computed (hooks that
+change nothing), for every mode."""
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from hybrid_detr.analysis import explain as views
+from hybrid_detr.data import register_synthetic_dataset
+from hybrid_detr.layers import ms_deform_attn
+from model_helpers import NUM_CLASSES, load_tool, synthetic_input, tiny_cfg
+
+
+def tiny_model(mode="deformable", **overrides):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(DECODER_MODE=mode, **overrides)).eval()
+    # Untrained box heads end in zeros (boxes = references): give them some weight so that
+    # layers and branches differ, as after training.
+    with torch.no_grad():
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight.normal_(std=0.05)
+    return model
+
+
+def one_image(seed=1):
+    x = synthetic_input(96, 128, 3, seed=seed)
+    return {"image": x["image"], "height": 96, "width": 128, "instances": x["instances"],
+            "original": x["image"].permute(1, 2, 0).byte().numpy()}
+
+
+def assert_png(path, min_side=300):
+    image = Image.open(path)
+    assert image.format == "PNG" and min(image.size) >= min_side
+
+
+def test_captures_change_nothing_and_locations_are_the_ops_inputs(tmp_path):
+    model, x = tiny_model(), one_image()
+    inputs = [{"image": x["image"], "height": 96, "width": 128}]
+    with torch.no_grad():
+        plain = model(inputs)[0]["instances"]
+    captured = views.run_and_capture(model, x)
+    assert torch.equal(captured.instances.scores, plain.scores)
+    assert torch.equal(captured.instances.pred_boxes.tensor, plain.pred_boxes.tensor)
+
+    names = captured.attn_names
+    assert len(names["encoder"]) == 1 and len(names["decoder"]) == 2
+    for name in names["encoder"] + names["decoder"]:
+        call = captured.deformable.calls[name][0]
+        module = model.get_submodule(name)
+        # a direct call of the module's steps on the captured forward inputs gives the op's inputs
+        locations, logits = module.sampling_locations_and_logits(
+            call["query"], call["reference_points"], call["spatial_shapes"])
+        assert torch.equal(call["locations"], locations)
+        assert torch.equal(call["weights"], module.attention_weights_from_logits(logits))
+        # and the op on those inputs gives what the model got
+        out = ms_deform_attn(call["value"], call["spatial_shapes"], call["level_start_index"],
+                             call["locations"], call["weights"])
+        assert torch.equal(out, call["output"])
+
+    # what the decoder view plots is exactly those locations, mapped to the image's pixels
+    image = views.display_image(x["image"])
+    result = views.plot_decoder_sampling(captured, image, str(tmp_path / "dec.png"), layer=1, head=None, top_k=2)
+    assert_png(result["path"])
+    call = captured.deformable.calls[names["decoder"][1]][0]
+    ratios = captured.inference.memory.valid_ratios[0]
+    expected = call["locations"][0, result["queries"]]
+    back = result["pixels"] / torch.tensor([128.0, 96.0]) * ratios[:, None, :]
+    assert torch.allclose(back, expected, atol=1e-6)
+    assert torch.equal(result["weights"], call["weights"][0, result["queries"]])
+    # top queries: the best class scores of the last layer
+    scores = captured.inference.output.logits[-1, 0].sigmoid().max(-1).values
+    assert result["queries"].tolist() == scores.argsort(descending=True)[:2].tolist()
+
+    one_head = views.plot_decoder_sampling(captured, image, str(tmp_path / "h.png"), layer=0, head=2, top_k=1)
+    assert torch.equal(one_head["weights"], captured.deformable.calls[names["decoder"][0]][0]["weights"][
+        0, one_head["queries"], 2:3])
+
+    enc = views.plot_encoder_sampling(captured, image, str(tmp_path / "enc.png"), (70.0, 30.0))
+    assert_png(enc["path"], 200)
+    memory = captured.inference.memory
+    h0, w0 = memory.layout.shapes[0]
+    row, col = divmod(enc["token"], w0)
+    # the token under the pixel: its cell holds (70, 30) in valid-image coordinates
+    assert col == int(70 / 128 * float(memory.valid_ratios[0, 0, 0]) * w0)
+    assert row == int(30 / 96 * float(memory.valid_ratios[0, 0, 1]) * h0)
+    enc_call = captured.deformable.calls[names["encoder"][0]][0]
+    assert torch.equal(enc["weights"], enc_call["weights"][0, enc["token"]])
+
+
+def test_smca_view_recomputes_the_modules_attention(tmp_path):
+    model, x = tiny_model("smca"), one_image()
+    captured = views.run_and_capture(model, x)
+    attn = model.decoder.layers[-1].cross_attn
+    with views._SMCACapture(attn) as cap, torch.no_grad():
+        model([{"image": x["image"], "height": 96, "width": 128}])
+    (query, _, memory, query_reference), _ = cap.args
+    maps = views.smca_maps(attn, query, memory, query_reference)
+    assert torch.allclose(maps["output"], cap.output, atol=1e-5)
+    level = attn.levels[0]
+    assert torch.allclose(maps["attention"][level].sum((-1, -2)), torch.ones(()), atol=1e-5)
+    assert maps["prior"][level].max() <= 1.0
+    results = views.plot_smca(model, captured, x, views.display_image(x["image"]), str(tmp_path), top_k=2)
+    assert len(results) == 2
+    for r in results:
+        assert_png(r["path"])
+
+
+def test_dac_view_compares_o_and_c_decoders(tmp_path):
+    model, x = tiny_model("dac"), one_image()
+    captured = views.run_and_capture(model, x)
+    gt = x["instances"]
+    box = torch.tensor([0.5, 0.5, 0.3, 0.3])
+    result = views.plot_dac(model, captured, views.display_image(x["image"]), str(tmp_path / "dac.png"),
+                            box, int(gt.gt_classes[0]))
+    assert_png(result["path"])
+    assert torch.equal(result["O"]["boxes"], captured.inference.output.boxes[-1, 0])
+    # the C pass is the DAC branch's: its C queries through the decoder without self-attention
+    branch = model.branches["dac"]
+    stub = views.BranchInputs(captured.inference.group, captured.inference.memory, captured.inference.output,
+                              None, None, None, None, model.decoder, None)
+    with torch.no_grad():
+        c_out = model.decoder(branch.c_queries(stub), captured.inference.memory, skip_self_attn=True)
+    assert torch.equal(result["C"]["boxes"], c_out.boxes[-1, 0])
+    assert not torch.equal(result["C"]["boxes"], result["O"]["boxes"])
+    for key in "OC":
+        counts = result[key]["counts"]
+        assert counts == sorted(counts, reverse=True) and counts[0] <= 20
+
+
+def test_co_detr_view_draws_each_heads_positives(tmp_path):
+    model, x = tiny_model("co_detr"), one_image()
+    model.branches["co_detr"].eval()
+    captured = views.run_and_capture(model, x)
+    result = views.plot_co_detr(model, captured, views.display_image(x["image"]), x["instances"],
+                                str(tmp_path / "co.png"))
+    assert_png(result["path"])
+    assert set(result["positives"]) == set(model.branches["co_detr"].head_names)
+    atss = result["positives"]["atss"]
+    assert len(atss.gt_index) > 0 and int(atss.gt_index.max()) < len(x["instances"])
+    assert not model.branches["co_detr"].training and not model.training
+
+
+@pytest.mark.parametrize("mode", ["deformable+dac", "co_detr"])
+def test_explain_cli_on_a_dataset_image(mode, tmp_path, capsys):
+    name = "toolbox_explain_val"
+    register_synthetic_dataset(name, "val", root=str(tmp_path / "data"), num_images=2, min_side=96, max_side=128)
+    cfg = tiny_cfg(DECODER_MODE=mode, NUM_CLASSES=6)  # the synthetic set's classes
+    cfg.DATASETS.TEST = (name,)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
+    explain = load_tool("explain")
+    explain.load_config = lambda *_: cfg.clone()
+    out = tmp_path / "out"
+    results = explain.main(["--config-file", "", "--dataset", name, "--index", "1", "--output", str(out),
+                            "--top", "2", "--pixel", "40", "50"])
+    printed = capsys.readouterr().out.split()
+    expected = {"decoder_sampling", "encoder_sampling"} | ({"dac"} if "dac" in mode else {"co_detr"})
+    assert set(results) == expected
+    for path in explain.paths(results):
+        assert path in printed and os.path.isfile(path)
+        assert_png(path, 200)

@@ -1,0 +1,92 @@
+"""tools/export.py: the inference model to ONNX (our op as GridSample, run in onnxruntime) and with
+torch.export (our op as torch.ops.hybrid_detr.ms_deform_attn), same detections as PyTorch."""
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes
+
+from hybrid_detr.analysis.export import InferenceGraph, preprocess_for_export
+from hybrid_detr.data import register_synthetic_dataset
+from model_helpers import load_tool, tiny_cfg
+
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def val_name(tmp_path_factory):
+    """Three synthetic val images of different sizes (the export must take any size)."""
+    name = "toolbox_export_val"
+    register_synthetic_dataset(name, "val", root=str(tmp_path_factory.mktemp("data")), num_images=3,
+                               min_side=64, max_side=112)
+    return name
+
+
+def export_cfg(mode, val_name):
+    cfg = tiny_cfg(DECODER_MODE=mode)
+    cfg.DATASETS.TEST = (val_name,)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 112
+    if mode == "smca":
+        cfg.MODEL.HYBRID_DETR.TWO_STAGE = True  # two-stage proposals export too
+    cfg.freeze()
+    return cfg
+
+
+def model_detections(model, image):
+    """HybridDETR.forward's detections, in the input image's pixels."""
+    with torch.no_grad():
+        out = model([{"image": image, "height": image.shape[1], "width": image.shape[2]}])[0]["instances"]
+    return out.scores, out.pred_classes, out.pred_boxes.tensor
+
+
+def test_inference_graph_equals_model_forward():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(TWO_STAGE=True, WITH_BOX_REFINE=True)).eval()
+    for h, w in ((96, 128), (70, 90)):
+        image = torch.rand(3, h, w) * 255
+        inputs = preprocess_for_export(model, image)
+        with torch.no_grad():
+            scores, labels, boxes = InferenceGraph(model, backend="op")(*inputs)
+            reference = InferenceGraph(model, backend="reference")(*inputs)
+        nonempty = Boxes(boxes).nonempty()  # detector_postprocess drops empty boxes
+        expected = model_detections(model, image)
+        assert torch.equal(scores[nonempty], expected[0])
+        assert torch.equal(labels[nonempty], expected[1])
+        assert torch.allclose(boxes[nonempty], expected[2], atol=1e-4)
+        # the pure-PyTorch reference path (what ONNX exports) agrees with the op to float rounding
+        assert torch.allclose(reference[0], scores, atol=1e-5) and torch.allclose(reference[2], boxes, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["deformable", "dac", "co_detr", "smca"])
+def test_onnx_matches_pytorch(mode, val_name, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    export = load_tool("export")
+    cfg = export_cfg(mode, val_name)
+    path = str(tmp_path / f"{mode}.onnx")
+    torch.manual_seed(0)
+    args = ["--config-file", "", "--format", "onnx", "--output", path, "--check", "3"]
+    export.load_config = lambda *_: cfg.clone()  # the tiny config instead of a file
+    result = export.main(args)
+    with capsys.disabled():
+        print(f"\n[onnx {mode}] max |difference| over 3 val images: {result}")
+    assert result["scores"] <= TOLERANCE and result["boxes"] <= TOLERANCE and result["labels_equal"]
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert all(node.domain in ("", "ai.onnx") for node in onnx.load(path).graph.node)
+    if mode == "smca":
+        assert {"MatMul", "Softmax"} <= ops
+    else:
+        assert "GridSample" in ops
+    assert f"-> onnx: {path}" in capsys.readouterr().out
+
+
+def test_torch_export_keeps_our_op(val_name, tmp_path):
+    export = load_tool("export")
+    cfg = export_cfg("deformable", val_name)
+    path = str(tmp_path / "model.pt2")
+    export.load_config = lambda *_: cfg.clone()
+    result = export.main(["--config-file", "", "--format", "torch_export", "--output", path, "--check", "3"])
+    assert result["scores"] <= TOLERANCE and result["boxes"] <= TOLERANCE and result["labels_equal"]
+    program = torch.export.load(path)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "hybrid_detr.ms_deform_attn.default" in targets
+    assert not any("grid_sampler" in t for t in targets)
