@@ -15,7 +15,7 @@ from hybrid_detr.converters.common import COCO_THING_IDS
 from hybrid_detr.model_zoo import get_config_file
 from model_helpers import load_tool
 from official_keys import deformable_detr_keys, seeded_state_dict
-from official_keys_dac_co_detr import dac_detr_keys
+from official_keys_dac_co_detr import co_deformable_detr_keys, dac_detr_keys
 
 IDS = torch.as_tensor(COCO_THING_IDS)
 
@@ -105,3 +105,105 @@ def test_the_tool_converts_dac_detr(tmp_path, capsys):
     assert tool.main(["dac_detr", source, str(tmp_path / "out.pth")]) == 0
     out = capsys.readouterr().out
     assert "dac_deformable_detr_pp_r50_12ep_release.yaml" in out and "without CDN" in out
+
+
+# ---------------------------------------------------------------------------------------------- Co-DETR
+
+
+def _co_state(seed=2, **kwargs):
+    state = seeded_state_dict(co_deformable_detr_keys(**kwargs), seed=seed)
+    for key in [k for k in state if k.endswith("num_batches_tracked")]:
+        state[key] = torch.tensor(7, dtype=torch.long)
+    return state
+
+
+def test_co_detr_query_head_converts_and_loads_strictly(tmp_path):
+    official = _co_state()
+    output = str(tmp_path / "co.pth")
+    conversion = convert_file("co_detr", _save(tmp_path, "co_deformable_detr_r50_1x_coco.pth", official, wrap="mmdet"), output)
+    assert conversion.config_name == "coco/co_deformable_detr_r50_12ep_query_head.yaml"
+    dropped = next(n for n in conversion.notes if n.startswith("dropped"))
+    for group in ("rpn_head", "roi_head", "bbox_head", "query_head.downsample", "query_head.transformer.aux_pos_trans"):
+        assert group in dropped
+    cfg, model = _load_converted(output, conversion.config_name)
+    m = cfg.MODEL.HYBRID_DETR
+    assert (m.NUM_QUERIES, m.DIM_FEEDFORWARD, m.DROPOUT, m.NUM_CLASSES) == (300, 2048, 0.0, 80)
+    assert m.TWO_STAGE and m.WITH_BOX_REFINE and m.MIXED_SELECTION and m.LOOK_FORWARD_TWICE
+
+    sd = model.state_dict()
+    assert torch.equal(sd["backbone.stem.conv1.norm.running_var"], official["backbone.bn1.running_var"])
+    assert torch.equal(sd["backbone.res5.0.shortcut.norm.weight"], official["backbone.layer4.0.downsample.1.weight"])
+    assert torch.equal(sd["neck.input_proj.1.0.weight"], official["neck.convs.1.conv.weight"])
+    assert torch.equal(sd["neck.input_proj.1.0.bias"], torch.zeros(256))  # ChannelMapper convs have no bias
+    assert torch.equal(sd["neck.input_proj.2.1.bias"], official["neck.convs.2.gn.bias"])
+    assert torch.equal(sd["neck.extra_proj.0.0.weight"], official["neck.extra_convs.0.conv.weight"])
+    t = "query_head.transformer"
+    assert torch.equal(sd["level_embed"], official[f"{t}.level_embeds"])
+    assert torch.equal(sd["encoder.layers.4.self_attn.sampling_offsets.weight"], official[f"{t}.encoder.layers.4.attentions.0.sampling_offsets.weight"])
+    assert torch.equal(sd["encoder.layers.4.norm.bias"], official[f"{t}.encoder.layers.4.norms.0.bias"])
+    assert torch.equal(sd["encoder.layers.4.ffn.linear1.weight"], official[f"{t}.encoder.layers.4.ffns.0.layers.0.0.weight"])
+    assert torch.equal(sd["encoder.layers.4.ffn.norm.weight"], official[f"{t}.encoder.layers.4.norms.1.weight"])
+    dec = f"{t}.decoder.layers.3"
+    assert torch.equal(sd["decoder.layers.3.self_attn.in_proj_weight"], official[f"{dec}.attentions.0.attn.in_proj_weight"])
+    assert torch.equal(sd["decoder.layers.3.norm_self.weight"], official[f"{dec}.norms.0.weight"])
+    assert torch.equal(sd["decoder.layers.3.cross_attn.attn.attention_weights.bias"], official[f"{dec}.attentions.1.attention_weights.bias"])
+    assert torch.equal(sd["decoder.layers.3.norm_cross.bias"], official[f"{dec}.norms.1.bias"])
+    assert torch.equal(sd["decoder.layers.3.ffn.linear2.weight"], official[f"{dec}.ffns.0.layers.1.weight"])
+    assert torch.equal(sd["decoder.layers.3.ffn.norm.weight"], official[f"{dec}.norms.2.weight"])
+    assert torch.equal(sd["query_source.memory_proj.weight"], official[f"{t}.enc_output.weight"])
+    assert torch.equal(sd["query_source.position_proj.bias"], official[f"{t}.pos_trans.bias"])
+    assert torch.equal(sd["query_source.content.weight"], official["query_head.query_embedding.weight"])
+    for i in (0, 5, 6):  # 80 classes as they are; reg_branches' Linear layers 0, 2, 4 -> MLP layers 0, 1, 2
+        assert torch.equal(sd[f"decoder.heads.class_heads.{i}.weight"], official[f"query_head.cls_branches.{i}.weight"])
+        assert torch.equal(sd[f"decoder.heads.box_heads.{i}.layers.2.bias"], official[f"query_head.reg_branches.{i}.4.bias"])
+        assert torch.equal(sd[f"decoder.heads.box_heads.{i}.layers.1.weight"], official[f"query_head.reg_branches.{i}.2.weight"])
+    assert torch.equal(sd["query_source.heads.class_heads.6.bias"], official["query_head.cls_branches.6.bias"])
+
+
+def test_co_detr_query_head_has_the_official_sizes():
+    """The converted model's query head, built from the shipped config, has the official architecture's
+    module sizes (co_deformable_detr_r50_1x_coco.py): 6 + 6 layers, FFN 2048, 8 heads x 4 levels x 4 points,
+    300 queries, 80 classes, per-layer heads + the encoder's, and no dropout."""
+    cfg = load_config(get_config_file("coco/co_deformable_detr_r50_12ep_query_head.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    assert len(model.encoder.layers) == 6 and len(model.decoder.layers) == 6
+    layer = model.decoder.layers[0]
+    assert (layer.ffn.linear1.in_features, layer.ffn.linear1.out_features) == (256, 2048)
+    attn = layer.cross_attn.attn
+    assert (attn.n_heads, attn.n_levels, attn.n_points) == (8, 4, 4)
+    assert layer.self_attn.num_heads == 8 and layer.self_attn.dropout == 0.0
+    assert model.query_source.num_queries == 300 and model.query_source.mixed_selection
+    assert tuple(model.query_source.content.weight.shape) == (300, 256)
+    assert len(model.decoder.heads.class_heads) == 7 and model.decoder.heads.class_heads[0].out_features == 80
+    assert model.decoder.heads.class_heads[0] is not model.decoder.heads.class_heads[1]  # box refinement: one per layer
+    assert model.decoder.refine_boxes and model.decoder.look_forward_twice
+    assert tuple(model.level_embed.shape) == (4, 256)
+    assert all(not isinstance(mod, torch.nn.Dropout) or mod.p == 0.0 for mod in model.modules())
+    # The official key list, converted, has exactly this model's keys and shapes (aux heads dropped).
+    converted = CONVERTERS["co_detr"](_co_state())
+    assert {k: tuple(v.shape) for k, v in converted.state_dict.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_co_detr_refuses_other_kinds(tmp_path):
+    # A DAC-DETR release given as co_detr.
+    dac = _save(tmp_path, "dac.pth", seeded_state_dict(dac_detr_keys()))
+    _assert_refused(tmp_path, "co_detr", dac, r"expected an mmdet Co-Deformable-DETR.*found a DAC-DETR .*checkpoint.*missing")
+    # A Co-DETR checkpoint given as dac_detr (with its aux heads) or as deformable_detr.
+    co = _save(tmp_path, "co.pth", _co_state(), wrap="mmdet")
+    _assert_refused(tmp_path, "dac_detr", co, r"expected a DAC-DETR.*found an mmdet Co-DETR checkpoint \(query_head.\*, bbox_head.\*, roi_head.\*, rpn_head.\*\)")
+    _assert_refused(tmp_path, "deformable_detr", co, "missing.*is this a deformable_detr checkpoint")
+    # A Co-DETR variant with more (a mask head) or another size.
+    extra = _co_state()
+    extra["roi_head.0.mask_head.conv_logits.weight"] = torch.zeros(80, 256, 1, 1)
+    _assert_refused(tmp_path, "co_detr", _save(tmp_path, "mask.pth", extra, wrap="mmdet"), "does not know: roi_head.0.mask_head")
+    wide = _save(tmp_path, "wide.pth", _co_state(queries=900), wrap="mmdet")
+    _assert_refused(tmp_path, "co_detr", wide, "does not fit.*query_source.content.weight")
+
+
+def test_the_tool_converts_co_detr(tmp_path, capsys):
+    tool = load_tool("convert_official")
+    source = _save(tmp_path, "co.pth", _co_state(), wrap="mmdet")
+    assert tool.main(["co_detr", source, str(tmp_path / "out.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "co_deformable_detr_r50_12ep_query_head.yaml" in out and "rpn_head" in out

@@ -19,6 +19,7 @@ from .common import (
 )
 from . import deformable_detr  # noqa: F401  (registers "deformable_detr")
 from . import dac_detr  # noqa: F401  (registers "dac_detr")
+from . import co_detr  # noqa: F401  (registers "co_detr")
 
 __all__ = [
     "CONVERTERS",
