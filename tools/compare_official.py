@@ -4,6 +4,7 @@ converter, same images, max |difference| of the last decoder layer's logits and 
 
     python tools/compare_official.py --official-src /path/to/Deformable-DETR deformable_detr --variant two_stage
     python tools/compare_official.py --official-src /path/to/DAC-DETR dac_detr
+    PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_detr
 
 The official model is built from its own source tree (given by path, never copied here), with its
 CUDA op replaced by its own pure-PyTorch `ms_deform_attn_core_pytorch`; small import-time shims
@@ -18,8 +19,19 @@ refinement, FFN 2048, dropout 0, 900 queries, mixed selection, look-forward-twic
 embedding), in eval mode; its one-to-one `pred_logits` / `pred_boxes` against our DAC model's
 `raw_predictions`. Its Swin backbone module (which imports timm / mmcv / mmdet) is replaced at import
 time by a stub (the R-50 model does not use it).
+
+co_detr: Co-DETR's Co-Deformable-DETR R-50 (`projects/configs/co_deformable_detr/
+co_deformable_detr_r50_1x_coco.py`), built with mmdet 2.x from `--official-src` (a full Co-DETR
+checkout: its `mmdet/` and `projects/`) and mmcv 1.3.17-1.7.0's Python package, which must be
+importable (e.g. PYTHONPATH with the unpacked `mmcv==1.7.0` sdist plus addict, yapf, platformdirs,
+terminaltables). mmcv's compiled ops are not needed: `mmcv._ext` is stubbed at import time, and
+mmcv's MultiScaleDeformableAttention runs its own pure-PyTorch core on the CPU; fairscale, timm,
+einops and mmcv_custom (Swin / ViT backbones only) are stubbed too. Its query head's last-layer
+`all_cls_scores` / `all_bbox_preds` (80 classes) against our `raw_predictions`; every weight of
+the whole detector (aux heads included) drawn at random, the aux heads dropped by the converter.
 """
 import argparse
+import logging
 import os
 import sys
 import types
@@ -133,6 +145,72 @@ def fixed_images(seed):
     return [torch.rand(3, h, w, generator=g) * 255 for h, w in ((256, 320), (224, 288))]
 
 
+def _stub_modules(names):
+    """Import-time stand-ins for modules the official code imports but the compared model never uses."""
+
+    class Stubbed:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("stubbed out by tools/compare_official.py")
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return Stubbed
+
+    for name in names:
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__getattr__ = missing
+            module.__path__ = []
+            sys.modules[name] = module
+
+
+def build_official_co_detr(src):
+    """Co-DETR's Co-Deformable-DETR R-50 from its mmdet 2.x config (needs mmcv 1.x's Python package)."""
+    sys.path.insert(0, os.path.abspath(src))
+    ext = types.ModuleType("mmcv._ext")  # mmcv's compiled ops: not used on the CPU path
+
+    def compiled_op(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def op(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext.{name} is stubbed out by tools/compare_official.py")
+
+        return op
+
+    ext.__getattr__ = compiled_op
+    sys.modules.setdefault("mmcv._ext", ext)
+    _stub_modules(["fairscale", "fairscale.nn", "timm", "timm.models", "timm.models.layers", "einops", "mmcv_custom"])
+    sys.modules["fairscale.nn.checkpoint"] = types.ModuleType("fairscale.nn.checkpoint")
+    sys.modules["fairscale.nn.checkpoint"].checkpoint_wrapper = lambda module, *args, **kwargs: module
+    try:
+        from mmcv import Config
+        from mmcv.utils import get_logger
+        from mmdet.models import build_detector
+    except ImportError as e:
+        raise SystemExit(
+            f"co_detr needs mmcv 1.x's Python package and Co-DETR's mmdet importable ({e}); see this script's docstring"
+        ) from None
+    import projects.models  # noqa: F401  (registers CoDETR and its heads)
+
+    get_logger("mmcv", log_level=logging.ERROR)  # its weight-init report, one line per parameter
+
+    cfg = Config.fromfile(os.path.join(src, "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"))
+    cfg.model.backbone.init_cfg = None  # no pretrained download
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    return model.eval()
+
+
+def _run_official_co_detr(official, image):
+    """The query head's last-layer logits and boxes of one image (what `simple_test_query_head` decodes)."""
+    batch = ((image - PIXEL_MEAN) / PIXEL_STD)[None]
+    metas = [{"batch_input_shape": tuple(batch.shape[-2:]), "img_shape": (*image.shape[1:], 3)}]
+    feats = official.extract_feat(batch, metas)
+    classes, boxes, enc_classes = official.query_head(feats, metas)[:3]
+    return {"pred_logits": classes[-1], "pred_boxes": boxes[-1], "enc_logits": enc_classes}
+
+
 def build_official_dac_detr(src):
     """The DAC-DETR release's R-50 model (its main.py defaults + configs/r50_deformplus_cdn_ice_ep12.sh)."""
     official_build = _import_official(src, stub_swin=True)
@@ -168,10 +246,14 @@ def _run_official(official, images, targets_argument):
 
 
 def _build_pair(model, src, variant, seed):
+    # randomize_ keeps the init of 1-d tensors (plus noise): seed it too, so that a run is reproducible.
+    torch.manual_seed(seed)
     if model == "deformable_detr":
         official = build_official_deformable_detr(src, variant)
     elif model == "dac_detr":
         official = build_official_dac_detr(src)
+    elif model == "co_detr":
+        official = build_official_co_detr(src)
     else:
         raise ValueError(f"no official comparison for {model!r}")
     randomize_(official, seed)
@@ -183,7 +265,9 @@ def _build_pair(model, src, variant, seed):
 
 
 def _differences(mine, theirs):
-    their_logits = theirs["pred_logits"][..., torch.as_tensor(COCO_THING_IDS)]
+    their_logits = theirs["pred_logits"]
+    if their_logits.shape[-1] == 91:  # COCO-id slots -> detectron2's 80 classes
+        their_logits = their_logits[..., torch.as_tensor(COCO_THING_IDS)]
     return {
         "logits": (mine["pred_logits"] - their_logits).abs().max().item(),
         "boxes": (mine["pred_boxes"] - theirs["pred_boxes"]).abs().max().item(),
@@ -197,8 +281,8 @@ def _inputs(images):
 
 def compare_official(model, src, variant="plain", seed=0):
     """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official."""
-    if model == "dac_detr":
-        return compare_dac_detr(src, seed)
+    if model in ("dac_detr", "co_detr"):
+        return compare_mixed_selection(model, src, seed)
     official, ours, conversion = _build_pair(model, src, variant, seed)
     images = fixed_images(seed + 1)
     with torch.no_grad():
@@ -231,8 +315,8 @@ def _pinned_ranking(ours, scores):
         del heads.predict
 
 
-def compare_dac_detr(src, seed=0):
-    """DAC-DETR's release vs ours, one image at a time (a batch would pad, and the official top-k
+def compare_mixed_selection(model, src, seed=0):
+    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours, one image at a time (a batch would pad, and the official top-k
     also ranks padding tokens, which ours masks out: the one deliberate difference, README).
 
     With mixed selection the order of the top-k proposals matters (content query i goes with the
@@ -242,15 +326,20 @@ def compare_dac_detr(src, seed=0):
     `logits` / `boxes`: free-running outputs; `pinned_*`: our outputs with our top-k ranked by the
     official scores (same order; all else ours); `swaps`: top-k positions whose proposal differs,
     and `swap_gap`: the largest official score gap between the proposals swapped there."""
-    official, ours, conversion = _build_pair("dac_detr", src, "", seed)
+    official, ours, conversion = _build_pair(model, src, "", seed)
     captured = {}
-    official.transformer.register_forward_hook(lambda module, inputs, outputs: captured.update(enc=outputs[3]))
+    if model == "dac_detr":
+        official.transformer.register_forward_hook(lambda module, inputs, outputs: captured.update(enc=outputs[3]))
     result = {"config": conversion.config_name, "logits": 0.0, "boxes": 0.0, "pinned_logits": 0.0, "pinned_boxes": 0.0,
               "encoder_logits": 0.0, "logit_scale": 0.0, "swaps": 0, "swap_gap": 0.0}
     for image in fixed_images(seed + 1):
         with torch.no_grad():
-            theirs = _run_official(official, [image], targets_argument=True)
-            scores = captured["enc"][..., 0]
+            if model == "dac_detr":
+                theirs = _run_official(official, [image], targets_argument=True)
+                scores = captured["enc"][..., 0]
+            else:
+                theirs = _run_official_co_detr(official, image)
+                scores = theirs["enc_logits"][..., 0]
             mine = ours.raw_predictions(_inputs([image]))
             images, padding_mask = ours.preprocess_image(_inputs([image]))
             memory = ours.encode(images.tensor, padding_mask)
@@ -280,15 +369,15 @@ def main(argv=None):
     parser.add_argument("--official-src", required=True, help="a checkout of the official repository")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("model", choices=["deformable_detr", "dac_detr"])
+    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr"])
     parser.add_argument(
-        "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr: its release)"
+        "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr, co_detr: their release)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = compare_official(args.model, args.official_src, args.variant, args.seed)
     tol = args.tolerance
-    if args.model == "dac_detr":
+    if args.model in ("dac_detr", "co_detr"):
         # Equal when our top-k order is the official one, and every place where the free-running
         # orders differ is a tie of the official scores within the encoder's float32 noise.
         ties_only = result["swap_gap"] <= max(2 * result["encoder_logits"], 1e-6)
@@ -296,7 +385,7 @@ def main(argv=None):
             max(result["logits"], result["boxes"]) <= tol or ties_only
         )
         print(
-            f"dac_detr ({result['config']}): encoder proposal scores max |diff| {result['encoder_logits']:.3g}; "
+            f"{args.model} ({result['config']}): encoder proposal scores max |diff| {result['encoder_logits']:.3g}; "
             f"with the official top-k order: logits {result['pinned_logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
             f"boxes {result['pinned_boxes']:.3g}; free-running: logits {result['logits']:.3g}, boxes {result['boxes']:.3g} "
             f"({result['swaps']} top-k positions swapped, official score gap at most {result['swap_gap']:.3g}: "

@@ -207,3 +207,32 @@ def test_the_tool_converts_co_detr(tmp_path, capsys):
     assert tool.main(["co_detr", source, str(tmp_path / "out.pth")]) == 0
     out = capsys.readouterr().out
     assert "co_deformable_detr_r50_12ep_query_head.yaml" in out and "rpn_head" in out
+
+
+def test_compare_official_pins_the_top_k_order_without_changing_anything_else():
+    """tools/compare_official.py ranks our two-stage proposals by given scores (the official
+    model's) for its mixed-selection comparisons: given our own scores, the outputs are unchanged;
+    given other scores, the selected proposals follow them."""
+    tool = load_tool("compare_official")
+    cfg = load_config(get_config_file("coco/co_deformable_detr_r50_12ep_query_head.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    cfg.MODEL.HYBRID_DETR.NUM_QUERIES = 20
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255
+    inputs = [{"image": image}]
+    with torch.no_grad():
+        plain = model.raw_predictions(inputs)
+        images, padding_mask = model.preprocess_image(inputs)
+        memory = model.encode(images.tensor, padding_mask)
+        own = model.query_source(memory)[1][0][..., 0]
+        with tool._pinned_ranking(model, own):
+            pinned = model.raw_predictions(inputs)
+        reversed_scores = -own
+        with tool._pinned_ranking(model, reversed_scores):
+            queries = model.query_source(memory)[0]
+    assert torch.equal(plain["pred_logits"], pinned["pred_logits"]) and torch.equal(plain["pred_boxes"], pinned["pred_boxes"])
+    assert "predict" not in vars(model.query_source.heads)  # the hook is removed afterwards
+    proposals, _ = model.query_source.token_proposals(memory)
+    lowest = own.topk(20, dim=1, largest=False).indices  # the selection follows the given scores
+    _, boxes = model.query_source.heads.predict(model.query_source.encoder_head_index, model.query_source.memory_norm(model.query_source.memory_proj(memory.memory)), proposals)
+    assert torch.allclose(queries.reference, boxes.gather(1, lowest[..., None].expand(-1, -1, 4)), atol=1e-6)
