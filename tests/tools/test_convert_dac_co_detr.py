@@ -236,3 +236,39 @@ def test_compare_official_pins_the_top_k_order_without_changing_anything_else():
     lowest = own.topk(20, dim=1, largest=False).indices  # the selection follows the given scores
     _, boxes = model.query_source.heads.predict(model.query_source.encoder_head_index, model.query_source.memory_norm(model.query_source.memory_proj(memory.memory)), proposals)
     assert torch.allclose(queries.reference, boxes.gather(1, lowest[..., None].expand(-1, -1, 4)), atol=1e-6)
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_difference(config, baseline):
+    a, b = (_flat(load_config(get_config_file(c))) for c in (config, baseline))
+    assert set(a) == set(b)
+    return {k: a[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
+
+
+def test_the_release_configs_are_their_training_configs_plus_the_release_architecture():
+    m = "MODEL.HYBRID_DETR."
+    release = {f"{m}MIXED_SELECTION": True, f"{m}LOOK_FORWARD_TWICE": True, f"{m}DROPOUT": 0.0}
+    assert _config_difference("coco/dac_deformable_detr_pp_r50_12ep_release.yaml", "coco/dac_deformable_detr_r50_12ep.yaml") == {
+        **release,
+        f"{m}NUM_QUERIES": 900,
+        f"{m}NMS_THRESH_TEST": 0.8,
+        f"{m}DAC.CLS_LOSS": "iou_aware_bce",
+        "TEST.DETECTIONS_PER_IMAGE": 300,
+    }
+    # The Co-DETR query head: the co_detr training config's architecture (FFN 2048, dropout 0, "++"), deformable
+    # mode (no aux heads), plus the official query head's mixed selection and look-forward-twice.
+    difference = _config_difference("coco/co_deformable_detr_r50_12ep_query_head.yaml", "coco/co_deformable_detr_r50_12ep.yaml")
+    assert {k: v for k, v in difference.items() if not k.startswith(f"{m}CO_DETR.")} == {
+        f"{m}DECODER_MODE": "deformable",
+        f"{m}MIXED_SELECTION": True,
+        f"{m}LOOK_FORWARD_TWICE": True,
+    }
