@@ -3,6 +3,8 @@
 converter, same images, max |difference| of the last decoder layer's logits and boxes.
 
     python tools/compare_official.py --official-src /path/to/Deformable-DETR deformable_detr --variant two_stage
+    python tools/compare_official.py --official-src /path/to/DAC-DETR dac_detr
+    PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_detr
 
 The official model is built from its own source tree (given by path, never copied here), with its
 CUDA op replaced by its own pure-PyTorch `ms_deform_attn_core_pytorch`; small import-time shims
@@ -11,8 +13,25 @@ buffer of the official model is drawn at random (seeded), so that no zero-initia
 difference; its state dict is converted with `hybrid_detr.converters` and loaded strictly into our
 model built from the shipped config. Logits are compared after mapping the 91 COCO-id slots to
 detectron2's 80 classes. Prints one line per compared tensor and exits 1 above --tolerance.
+
+dac_detr: the DAC-DETR release's model (`configs/r50_deformplus_cdn_ice_ep12.sh`: two-stage + box
+refinement, FFN 2048, dropout 0, 900 queries, mixed selection, look-forward-twice, CDN's label
+embedding), in eval mode; its one-to-one `pred_logits` / `pred_boxes` against our DAC model's
+`raw_predictions`. Its Swin backbone module (which imports timm / mmcv / mmdet) is replaced at import
+time by a stub (the R-50 model does not use it).
+
+co_detr: Co-DETR's Co-Deformable-DETR R-50 (`projects/configs/co_deformable_detr/
+co_deformable_detr_r50_1x_coco.py`), built with mmdet 2.x from `--official-src` (a full Co-DETR
+checkout: its `mmdet/` and `projects/`) and mmcv 1.3.17-1.7.0's Python package, which must be
+importable (e.g. PYTHONPATH with the unpacked `mmcv==1.7.0` sdist plus addict, yapf, platformdirs,
+terminaltables). mmcv's compiled ops are not needed: `mmcv._ext` is stubbed at import time, and
+mmcv's MultiScaleDeformableAttention runs its own pure-PyTorch core on the CPU; fairscale, timm,
+einops and mmcv_custom (Swin / ViT backbones only) are stubbed too. Its query head's last-layer
+`all_cls_scores` / `all_bbox_preds` (80 classes) against our `raw_predictions`; every weight of
+the whole detector (aux heads included) drawn at random, the aux heads dropped by the converter.
 """
 import argparse
+import logging
 import os
 import sys
 import types
@@ -64,13 +83,29 @@ def _route_to_pytorch_core():
     ms_deform_attn_func.MSDeformAttnFunction.apply = staticmethod(apply)
 
 
-def build_official_deformable_detr(src, variant):
+def _import_official(src, stub_swin=False):
+    """The official `models.deformable_detr.build` of the source tree `src`, imported with the shims."""
     sys.path.insert(0, os.path.abspath(src))
+    if stub_swin and "models.swin_transformer" not in sys.modules:
+        # DAC-DETR's backbone.py imports its Swin module, which needs timm, mmcv and mmdet; R-50 never uses it.
+        swin = types.ModuleType("models.swin_transformer")
+
+        class SwinTransformer:  # noqa: D401  (a stub; building it is an error)
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("the Swin backbone is stubbed out by tools/compare_official.py")
+
+        swin.SwinTransformer = SwinTransformer
+        sys.modules["models.swin_transformer"] = swin
     with _official_import_shims():
         import models.backbone as official_backbone
         from models.deformable_detr import build as official_build
     _route_to_pytorch_core()
     official_backbone.is_main_process = lambda: False  # pretrained=False: no download
+    return official_build
+
+
+def build_official_deformable_detr(src, variant):
+    official_build = _import_official(src)
     args = argparse.Namespace(
         dataset_file="coco", device="cpu", hidden_dim=256, position_embedding="sine", lr_backbone=2e-5,
         masks=False, num_feature_levels=4, backbone="resnet50", dilation=False, nheads=8, enc_layers=6,
@@ -110,58 +145,223 @@ def fixed_images(seed):
     return [torch.rand(3, h, w, generator=g) * 255 for h, w in ((256, 320), (224, 288))]
 
 
-def compare_deformable_detr(src, variant, seed=0):
-    torch.manual_seed(seed)  # the official init, which randomize_ perturbs, is then the same on every run
-    official = build_official_deformable_detr(src, variant)
+def _stub_modules(names):
+    """Import-time stand-ins for modules the official code imports but the compared model never uses."""
+
+    class Stubbed:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("stubbed out by tools/compare_official.py")
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return Stubbed
+
+    for name in names:
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__getattr__ = missing
+            module.__path__ = []
+            sys.modules[name] = module
+
+
+def build_official_co_detr(src):
+    """Co-DETR's Co-Deformable-DETR R-50 from its mmdet 2.x config (needs mmcv 1.x's Python package)."""
+    sys.path.insert(0, os.path.abspath(src))
+    ext = types.ModuleType("mmcv._ext")  # mmcv's compiled ops: not used on the CPU path
+
+    def compiled_op(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def op(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext.{name} is stubbed out by tools/compare_official.py")
+
+        return op
+
+    ext.__getattr__ = compiled_op
+    sys.modules.setdefault("mmcv._ext", ext)
+    _stub_modules(["fairscale", "fairscale.nn", "timm", "timm.models", "timm.models.layers", "einops", "mmcv_custom"])
+    sys.modules["fairscale.nn.checkpoint"] = types.ModuleType("fairscale.nn.checkpoint")
+    sys.modules["fairscale.nn.checkpoint"].checkpoint_wrapper = lambda module, *args, **kwargs: module
+    try:
+        from mmcv import Config
+        from mmcv.utils import get_logger
+        from mmdet.models import build_detector
+    except ImportError as e:
+        raise SystemExit(
+            f"co_detr needs mmcv 1.x's Python package and Co-DETR's mmdet importable ({e}); see this script's docstring"
+        ) from None
+    import projects.models  # noqa: F401  (registers CoDETR and its heads)
+
+    get_logger("mmcv", log_level=logging.ERROR)  # its weight-init report, one line per parameter
+
+    cfg = Config.fromfile(os.path.join(src, "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"))
+    cfg.model.backbone.init_cfg = None  # no pretrained download
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    return model.eval()
+
+
+def _run_official_co_detr(official, image):
+    """The query head's last-layer logits and boxes of one image (what `simple_test_query_head` decodes)."""
+    batch = ((image - PIXEL_MEAN) / PIXEL_STD)[None]
+    metas = [{"batch_input_shape": tuple(batch.shape[-2:]), "img_shape": (*image.shape[1:], 3)}]
+    feats = official.extract_feat(batch, metas)
+    classes, boxes, enc_classes = official.query_head(feats, metas)[:3]
+    return {"pred_logits": classes[-1], "pred_boxes": boxes[-1], "enc_logits": enc_classes}
+
+
+def build_official_dac_detr(src):
+    """The DAC-DETR release's R-50 model (its main.py defaults + configs/r50_deformplus_cdn_ice_ep12.sh)."""
+    official_build = _import_official(src, stub_swin=True)
+    args = argparse.Namespace(
+        dataset_file="coco", device="cpu", hidden_dim=256, position_embedding="sine", position_embedding_scale=2 * 3.141592653589793,
+        lr_backbone=2e-5, masks=False, num_feature_levels=4, backbone="resnet50", dilation=False, nheads=8, enc_layers=6,
+        dec_layers=6, dim_feedforward=2048, dropout=0.0, dec_n_points=4, enc_n_points=4, two_stage=True,
+        with_box_refine=True, num_queries_one2one=900, num_queries_one2many=0, mixed_selection=True,
+        look_forward_twice=True, use_checkpoint=False, aux_loss=True, frozen_weights=None, set_cost_class=2,
+        set_cost_bbox=5, set_cost_giou=2, cls_loss_coef=1, bbox_loss_coef=5, giou_loss_coef=2, mask_loss_coef=1,
+        dice_loss_coef=1, focal_alpha=0.25, pretrained_backbone_path="", drop_path_rate=0.2, topk=300,
+    )
+    # Its backbone.py loads ImageNet weights from ./initmodel/resnet50-19c8e357.pth unconditionally: every
+    # weight is drawn at random below anyway, so that one load returns nothing.
+    load = torch.load
+
+    def no_pretrained_weights(path, *a, **k):
+        return {} if str(path).endswith("initmodel/resnet50-19c8e357.pth") else load(path, *a, **k)
+
+    torch.load = no_pretrained_weights
+    try:
+        model, _, _ = official_build(args)
+    finally:
+        torch.load = load
+    return model.eval()
+
+
+def _run_official(official, images, targets_argument):
+    from util.misc import nested_tensor_from_tensor_list
+
+    samples = nested_tensor_from_tensor_list([(im - PIXEL_MEAN) / PIXEL_STD for im in images])
+    return official(samples, None) if targets_argument else official(samples)
+
+
+def _build_pair(model, src, variant, seed):
+    # randomize_ keeps the init of 1-d tensors (plus noise): seed it too, so that a run is reproducible.
+    torch.manual_seed(seed)
+    if model == "deformable_detr":
+        official = build_official_deformable_detr(src, variant)
+    elif model == "dac_detr":
+        official = build_official_dac_detr(src)
+    elif model == "co_detr":
+        official = build_official_co_detr(src)
+    else:
+        raise ValueError(f"no official comparison for {model!r}")
     randomize_(official, seed)
-    conversion = CONVERTERS["deformable_detr"](official.state_dict())
+    conversion = CONVERTERS[model](official.state_dict())
     cfg = load_config(get_config_file(conversion.config_name), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     ours = build_model(cfg).eval()
     ours.load_state_dict(conversion.state_dict, strict=True)
+    return official, ours, conversion
 
+
+def _differences(mine, theirs):
+    their_logits = theirs["pred_logits"]
+    if their_logits.shape[-1] == 91:  # COCO-id slots -> detectron2's 80 classes
+        their_logits = their_logits[..., torch.as_tensor(COCO_THING_IDS)]
+    return {
+        "logits": (mine["pred_logits"] - their_logits).abs().max().item(),
+        "boxes": (mine["pred_boxes"] - theirs["pred_boxes"]).abs().max().item(),
+        "logit_scale": their_logits.abs().max().item(),
+    }
+
+
+def _inputs(images):
+    return [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
+
+
+def compare_official(model, src, variant="plain", seed=0):
+    """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official."""
+    if model in ("dac_detr", "co_detr"):
+        return compare_mixed_selection(model, src, seed)
+    official, ours, conversion = _build_pair(model, src, variant, seed)
     images = fixed_images(seed + 1)
-    from util.misc import nested_tensor_from_tensor_list
-
-    encoder_outputs = []
-    hook = ours.query_source.register_forward_hook(lambda m, args, out: encoder_outputs.append(out[1]))
     with torch.no_grad():
-        theirs = official(nested_tensor_from_tensor_list([(im - PIXEL_MEAN) / PIXEL_STD for im in images]))
-        mine = ours.raw_predictions([{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images])
-    hook.remove()
-    their_logits = theirs["pred_logits"][..., torch.as_tensor(COCO_THING_IDS)]
-    logits, boxes = mine["pred_logits"], mine["pred_boxes"]
-    result = {}
-    if variant == "two_stage":
-        logits, boxes, result = _align_two_stage_queries(logits, boxes, encoder_outputs[0][0], theirs["enc_outputs"]["pred_logits"])
-    result.update(
-        logits=(logits - their_logits).abs().max().item(),
-        boxes=(boxes - theirs["pred_boxes"]).abs().max().item(),
-        logit_scale=their_logits.abs().max().item(),
-    )
+        theirs = _run_official(official, images, targets_argument=False)
+        mine = ours.raw_predictions(_inputs(images))
+    return {**_differences(mine, theirs), "config": conversion.config_name}
+
+
+def compare_deformable_detr(src, variant, seed=0):
+    return compare_official("deformable_detr", src, variant, seed)
+
+
+@contextmanager
+def _pinned_ranking(ours, scores):
+    """Our two-stage selection ranks proposals by `scores` (the official encoder's logit 0) instead
+    of our own logit 0: same top-k order, everything else computed by our model."""
+    heads, index = ours.query_source.heads, ours.query_source.encoder_head_index
+    predict = heads.predict
+
+    def pinned(i, hidden, reference):
+        logits, boxes = predict(i, hidden, reference)
+        if i == index:
+            logits = torch.cat((scores[..., None].to(logits.dtype), logits[..., 1:]), -1)
+        return logits, boxes
+
+    heads.predict = pinned
+    try:
+        yield
+    finally:
+        del heads.predict
+
+
+def compare_mixed_selection(model, src, seed=0):
+    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours, one image at a time (a batch would pad, and the official top-k
+    also ranks padding tokens, which ours masks out: the one deliberate difference, README).
+
+    With mixed selection the order of the top-k proposals matters (content query i goes with the
+    i-th proposal), so two proposals whose encoder scores are tied within float32 noise can swap
+    places in either implementation and change every output. Measured three ways:
+    `encoder_logits`: max |diff| of the encoder's proposal scores (logit 0, valid tokens);
+    `logits` / `boxes`: free-running outputs; `pinned_*`: our outputs with our top-k ranked by the
+    official scores (same order; all else ours); `swaps`: top-k positions whose proposal differs,
+    and `swap_gap`: the largest official score gap between the proposals swapped there."""
+    official, ours, conversion = _build_pair(model, src, "", seed)
+    captured = {}
+    if model == "dac_detr":
+        official.transformer.register_forward_hook(lambda module, inputs, outputs: captured.update(enc=outputs[3]))
+    result = {"config": conversion.config_name, "logits": 0.0, "boxes": 0.0, "pinned_logits": 0.0, "pinned_boxes": 0.0,
+              "encoder_logits": 0.0, "logit_scale": 0.0, "swaps": 0, "swap_gap": 0.0}
+    for image in fixed_images(seed + 1):
+        with torch.no_grad():
+            if model == "dac_detr":
+                theirs = _run_official(official, [image], targets_argument=True)
+                scores = captured["enc"][..., 0]
+            else:
+                theirs = _run_official_co_detr(official, image)
+                scores = theirs["enc_logits"][..., 0]
+            mine = ours.raw_predictions(_inputs([image]))
+            images, padding_mask = ours.preprocess_image(_inputs([image]))
+            memory = ours.encode(images.tensor, padding_mask)
+            _, valid = ours.query_source.token_proposals(memory)
+            our_scores = ours.query_source(memory)[1][0][..., 0]
+            with _pinned_ranking(ours, scores):
+                pinned = ours.raw_predictions(_inputs([image]))
+        k = ours.query_source.num_queries
+        their_top, our_top = scores.topk(k, dim=1).indices, our_scores.masked_fill(~valid, float("-inf")).topk(k, dim=1).indices
+        swapped = their_top != our_top
+        free, fixed = _differences(mine, theirs), _differences(pinned, theirs)
+        result["logits"] = max(result["logits"], free["logits"])
+        result["boxes"] = max(result["boxes"], free["boxes"])
+        result["pinned_logits"] = max(result["pinned_logits"], fixed["logits"])
+        result["pinned_boxes"] = max(result["pinned_boxes"], fixed["boxes"])
+        result["logit_scale"] = max(result["logit_scale"], free["logit_scale"])
+        result["encoder_logits"] = max(result["encoder_logits"], (our_scores - scores)[valid].abs().max().item())
+        result["swaps"] += int(swapped.sum())
+        if swapped.any():
+            gap = (scores.gather(1, their_top) - scores.gather(1, our_top)).abs()[swapped].max().item()
+            result["swap_gap"] = max(result["swap_gap"], gap)
     return result
-
-
-def _align_two_stage_queries(logits, boxes, our_encoder_logits, their_encoder_logits):
-    """Two-stage queries are the top-k proposals in score order; two proposals whose logit-0 scores
-    tie to within float rounding (different summation order) may come out swapped. The decoder is
-    permutation-equivariant over queries, so our outputs are put in the official proposal order
-    before comparing. A different *set* of proposals is not aligned (that would be a real difference)."""
-    k = logits.shape[1]
-    ours = our_encoder_logits[..., 0].topk(k, dim=1).indices
-    theirs = their_encoder_logits[..., 0].topk(k, dim=1).indices
-    order, reordered, same_sets = [], 0, True
-    for mine, official in zip(ours.tolist(), theirs.tolist()):
-        position = {token: rank for rank, token in enumerate(mine)}
-        if set(mine) != set(official):
-            same_sets = False
-            order.append(list(range(k)))
-            continue
-        order.append([position[token] for token in official])
-        reordered += sum(a != b for a, b in zip(mine, official))
-    index = torch.as_tensor(order)
-    logits = logits.gather(1, index[..., None].expand_as(logits))
-    boxes = boxes.gather(1, index[..., None].expand_as(boxes))
-    return logits, boxes, {"same_proposal_sets": same_sets, "reordered_queries": reordered}
 
 
 def main(argv=None):
@@ -169,22 +369,35 @@ def main(argv=None):
     parser.add_argument("--official-src", required=True, help="a checkout of the official repository")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("model", choices=["deformable_detr"])
-    parser.add_argument("--variant", choices=["plain", "refine", "two_stage"], default="plain")
+    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr"])
+    parser.add_argument(
+        "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr, co_detr: their release)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = compare_deformable_detr(args.official_src, args.variant, args.seed)
-    worst = max(result["logits"], result["boxes"])
-    if "reordered_queries" in result:
-        print(
-            f"two-stage proposals: same sets as the official model: {result['same_proposal_sets']}; "
-            f"{result['reordered_queries']} queries in another order (score ties), aligned before comparing"
+    result = compare_official(args.model, args.official_src, args.variant, args.seed)
+    tol = args.tolerance
+    if args.model in ("dac_detr", "co_detr"):
+        # Equal when our top-k order is the official one, and every place where the free-running
+        # orders differ is a tie of the official scores within the encoder's float32 noise.
+        ties_only = result["swap_gap"] <= max(2 * result["encoder_logits"], 1e-6)
+        ok = max(result["pinned_logits"], result["pinned_boxes"], result["encoder_logits"]) <= tol and (
+            max(result["logits"], result["boxes"]) <= tol or ties_only
         )
+        print(
+            f"{args.model} ({result['config']}): encoder proposal scores max |diff| {result['encoder_logits']:.3g}; "
+            f"with the official top-k order: logits {result['pinned_logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
+            f"boxes {result['pinned_boxes']:.3g}; free-running: logits {result['logits']:.3g}, boxes {result['boxes']:.3g} "
+            f"({result['swaps']} top-k positions swapped, official score gap at most {result['swap_gap']:.3g}: "
+            f"{'near-ties only' if ties_only else 'NOT ties'}); tolerance {tol:g}: {'OK' if ok else 'FAIL'}"
+        )
+        return 0 if ok else 1
+    worst = max(result["logits"], result["boxes"])
     print(
         f"{args.model} {args.variant}: max |diff| logits {result['logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
-        f"boxes {result['boxes']:.3g}; tolerance {args.tolerance:g}: {'OK' if worst <= args.tolerance else 'FAIL'}"
+        f"boxes {result['boxes']:.3g}; tolerance {tol:g}: {'OK' if worst <= tol else 'FAIL'}"
     )
-    return 0 if worst <= args.tolerance else 1
+    return 0 if worst <= tol else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from .common import (
     save_detectron2_checkpoint,
 )
 from . import deformable_detr  # noqa: F401  (registers "deformable_detr")
+from . import dac_detr  # noqa: F401  (registers "dac_detr")
+from . import co_detr  # noqa: F401  (registers "co_detr")
 
 __all__ = [
     "CONVERTERS",

@@ -1,0 +1,78 @@
+"""The official DAC-DETR release (huzhengdongcs/DAC-DETR, R-50, 12 epochs: `configs/
+r50_deformplus_cdn_ice_ep12.sh`, "dac_cdn_ice") -> HybridDETR with DECODER_MODE "dac".
+
+Key names as in the release's model definition (`models/deformable_detr.py`,
+`deformable_transformer.py`, `dn_components.py`): H-DETR's Deformable DETR with two-stage + box
+refinement, i.e. the layout of an official Deformable DETR "++ two-stage" checkpoint (`backbone.0.body.*`,
+`input_proj.*`, `transformer.{level_embed, encoder.*, decoder.*, enc_output(_norm), pos_trans(_norm)}`,
+`class_embed.{0..6}`, `bbox_embed.{0..6}` and their `transformer.decoder.*` aliases), plus:
+
+- `query_embed.weight` (900, 256): the learned content queries of mixed query selection
+  -> `query_source.content.weight`;
+- `label_enc.weight` (92, 256): CDN's label embedding for the denoising queries, used in training
+  only (at inference it enters the output as `0.0 * label_enc.weight[0, 0]`) -> dropped. Fine-tuning
+  a converted model here trains without CDN (HybridDETR has no denoising queries).
+
+The C-decoder reuses the O-decoder's cross-attention, FFN, norms and heads (no parameter of its
+own), and look-forward-twice changes gradients only, so nothing else is needed. The shared part is
+converted by the Deformable DETR converter.
+"""
+from typing import Dict
+
+import torch
+
+from .common import Conversion, ConversionError, register_converter
+from .deformable_detr import convert_deformable_detr
+from .kinds import describe_kind
+
+__all__ = ["convert_dac_detr", "CONFIG"]
+
+CONFIG = "coco/dac_deformable_detr_pp_r50_12ep_release.yaml"
+DESCRIPTION = (
+    "DAC-DETR release (dac_cdn_ice), R-50, 12 epochs: Deformable-DETR++ (two-stage + box refinement, mixed "
+    "selection, look-forward-twice, 900 queries, FFN 2048) with the DAC C-decoder"
+)
+# Keys only a DAC-DETR release has, or that it must have (two-stage + refinement).
+_MARKERS = (
+    "label_enc.weight",
+    "query_embed.weight",
+    "transformer.enc_output.weight",
+    "transformer.decoder.bbox_embed.0.layers.0.weight",
+)
+
+
+@register_converter("dac_detr")
+def convert_dac_detr(official: Dict[str, torch.Tensor]) -> Conversion:
+    """An official DAC-DETR (R-50 release) state dict -> HybridDETR's DAC mode (detectron2 ResNet, 80 classes)."""
+    missing = [k for k in _MARKERS if k not in official]
+    if missing:
+        raise ConversionError(
+            "expected a DAC-DETR release checkpoint (Deformable-DETR++ with mixed selection and CDN: "
+            f"{', '.join(_MARKERS)}), found {describe_kind(official)}: {', '.join(missing)} missing"
+        )
+    d_model = official["transformer.level_embed"].shape[-1] if "transformer.level_embed" in official else None
+    label_enc, content = official["label_enc.weight"], official["query_embed.weight"]
+    if label_enc.dim() != 2 or tuple(label_enc.shape) != (92, d_model):
+        raise ConversionError(
+            f"dac_detr checkpoint: label_enc.weight has shape {tuple(label_enc.shape)}, expected (92, {d_model}) "
+            "(CDN's label book of 91 COCO slots + 1)"
+        )
+    if content.dim() != 2 or content.shape[1] != d_model:
+        raise ConversionError(
+            f"dac_detr checkpoint: query_embed.weight has shape {tuple(content.shape)}, expected (num_queries, "
+            f"{d_model}): mixed selection's content queries (a (Q, {2 * d_model}) embedding is a model without "
+            "mixed selection)"
+        )
+    shared = {k: v for k, v in official.items() if k not in ("label_enc.weight", "query_embed.weight")}
+    try:
+        base = convert_deformable_detr(shared)
+    except ConversionError as e:
+        raise ConversionError(f"dac_detr checkpoint (its Deformable-DETR++ part): {e}") from None
+    state_dict = dict(base.state_dict)
+    state_dict["query_source.content.weight"] = content.detach().clone()
+    notes = list(base.notes) + [
+        "query_embed -> mixed selection's learned content queries (query_source.content)",
+        "label_enc (CDN's label embedding, training only) dropped: fine-tuning this model here trains without CDN",
+        "C-decoder: shares every weight of the decoder (no parameter of its own); not run at inference",
+    ]
+    return Conversion(state_dict, CONFIG, DESCRIPTION, notes)

@@ -1,0 +1,25 @@
+"""What kind of official checkpoint a state dict looks like, from a few marker keys, so that a
+converter given the wrong file names what it expected and what it found."""
+from typing import Dict
+
+import torch
+
+__all__ = ["describe_kind"]
+
+
+def describe_kind(state_dict: Dict[str, torch.Tensor]) -> str:
+    """A short description of the model a state dict most likely belongs to."""
+    keys = set(state_dict)
+    if any(k.startswith("query_head.") for k in keys):
+        aux = sorted({k.split(".")[0] for k in keys if k.split(".")[0] in ("rpn_head", "roi_head", "bbox_head")})
+        return "an mmdet Co-DETR checkpoint (query_head.*" + (", " + ", ".join(f"{a}.*" for a in aux) if aux else "") + ")"
+    if any(k.startswith(("neck.", "bbox_head.", "roi_head.")) for k in keys):
+        return "an mmdet checkpoint of another detector (neck.* / *_head.* keys, no query_head.*)"
+    if "transformer.level_embed" in keys:
+        if "label_enc.weight" in keys:
+            return "a DAC-DETR (DINO-style, CDN label_enc) checkpoint"
+        two_stage = "transformer.enc_output.weight" in keys
+        refine = "transformer.decoder.bbox_embed.0.layers.0.weight" in keys
+        variant = "++ two-stage" if two_stage else ("+ box refinement" if refine else "plain")
+        return f"a Deformable DETR ({variant}) checkpoint"
+    return f"an unknown model ({len(keys)} keys, e.g. {sorted(keys)[:3]})"
