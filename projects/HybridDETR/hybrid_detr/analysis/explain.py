@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou
 
 from ..layers import MSDeformAttn
@@ -359,39 +358,23 @@ class _SMCACapture(contextlib.AbstractContextManager):
 
 @torch.no_grad()
 def smca_maps(attn, query, memory, query_reference):
-    """SMCA co-attention recomputed from its inputs (eval, image 0 of the batch): per level of
-    `attn.levels`, the prior G = exp(log G) and the attention probabilities, both (M, Q, H, W); the
-    scale-selection weights alpha (Q, M, levels) (None for one level); and the output, to check
-    against the module's. Uses the module's own layers."""
-    n, q, c = query.shape
-    m, d = attn.n_heads, c // attn.n_heads
-    from ..modeling.smca.prior import unit_cells
-
-    cells = unit_cells(memory, attn.unit_level)
-    centers, inverse_scales = attn.prior(query, query_reference[..., :2], cells)
-    queries = attn.q_proj(query).view(n, q, m, d).transpose(1, 2)
-    alpha = None
-    if attn.scale_selection is not None:
-        alpha = attn.scale_selection(query).view(n, q, m, len(attn.levels)).softmax(-1)
-    priors, attentions, out = {}, {}, None
-    for i, level in enumerate(attn.levels):
+    """SMCA co-attention's maps for image 0 of the batch, from the module's own `attend` (the numbers
+    the module computes): per level of `attn.levels`, the prior G = exp(log G) and the attention
+    probabilities, both (M, Q, H, W); the scale-selection weights alpha (Q, M, levels) (None for one
+    level); and the output, to check against the module's."""
+    maps = {}
+    output = attn.attend(query, memory, query_reference, maps=maps)
+    m, q = attn.n_heads, query.shape[1]
+    priors, attentions = {}, {}
+    for level in attn.levels:
         h, w = memory.layout.shapes[level]
-        tokens = memory.layout.level_tokens(level)
-        content = memory.memory[:, tokens]
-        keys = attn.k_proj(content + memory.position[:, tokens]).view(n, h * w, m, d).transpose(1, 2)
-        values = attn.v_proj(content).view(n, h * w, m, d).transpose(1, 2)
-        bias = attn.prior.level_bias(centers, inverse_scales, (h, w), memory.valid_ratios[:, level], cells)
-        bias = bias.to(queries.dtype).masked_fill(memory.padding_mask[:, None, None, tokens], float("-inf"))
-        logits = queries @ keys.transpose(-1, -2) / math.sqrt(d) + bias
-        probs = logits.softmax(-1)
-        attended = probs @ values
-        if alpha is not None:
-            attended = attended * alpha.permute(0, 2, 1, 3)[..., i : i + 1]
-        out = attended if out is None else out + attended
-        priors[level] = bias.exp().expand(n, m, q, h * w)[0].view(m, q, h, w)
-        attentions[level] = probs[0].view(m, q, h, w)
-    output = attn.out_proj(out.transpose(1, 2).reshape(n, q, c))
-    return {"prior": priors, "attention": attentions, "alpha": None if alpha is None else alpha[0], "output": output}
+        attentions[level] = maps["attention"][level][0].view(m, q, h, w)
+        if level in maps["prior"]:
+            priors[level] = maps["prior"][level][0].expand(m, q, h * w).reshape(m, q, h, w)
+    alpha = maps["alpha"]
+    if alpha is not None:
+        alpha = alpha[0].permute(1, 0, 2).expand(q, m, alpha.shape[-1])  # (Q, M, levels)
+    return {"prior": priors, "attention": attentions, "alpha": alpha, "output": output}
 
 
 def _valid_crop(map_hw: torch.Tensor, ratio) -> np.ndarray:

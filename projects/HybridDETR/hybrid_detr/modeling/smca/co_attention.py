@@ -19,8 +19,10 @@ hold. The prior of the stride-8 level is the one the release gives that slot (`p
 
 With `prior=False` this is the `dense` decoder mode (`dense.py`): the same attention without log G.
 """
-from typing import List, Sequence
+import math
+from typing import List, Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
@@ -133,6 +135,13 @@ class SMCACrossAttention(nn.Module):
     def forward(self, query, reference_points, memory: EncoderMemory, query_reference=None):
         """query (N, Q, C) content + position; query_reference (N, Q, 2|4) normalised to the valid
         image (its (x, y) is the Gaussian's base center). `reference_points` is not used."""
+        return self.attend(query, memory, query_reference)
+
+    def attend(self, query, memory: EncoderMemory, query_reference=None, maps: Optional[dict] = None):
+        """The co-attention. With a `maps` dict (analysis: tools/explain.py), the attention is computed
+        explicitly instead of by scaled_dot_product_attention and `maps` receives, per level, the
+        prior exp(log G) (N, G, Q, H*W) and the attention probabilities (N, M, Q, H*W), and the
+        scale-selection weights "alpha" (N, M or 1, Q, levels) or None: the same numbers."""
         if query_reference is None and self.prior is not None:
             raise ValueError("SMCACrossAttention needs query_reference (the queries' centers)")
         if memory.position is None:
@@ -143,8 +152,9 @@ class SMCACrossAttention(nn.Module):
             centers, inverse_scales = self.prior(query, query_reference[..., :2], memory)
 
         queries = self.q_proj(query).view(n, q, m, d).transpose(1, 2)  # (N, M, Q, D)
-        if self.scale_selection is not None:
-            alpha = self.scale_selection(query)  # (N, M or 1, Q, levels)
+        alpha = self.scale_selection(query) if self.scale_selection is not None else None  # (N, M or 1, Q, levels)
+        if maps is not None:
+            maps.update(prior={}, attention={}, alpha=alpha)
         dropout = self.dropout if self.training else 0.0
         out = None
         for i, level in enumerate(self.levels):
@@ -159,8 +169,17 @@ class SMCACrossAttention(nn.Module):
                 bias = bias.to(queries.dtype).masked_fill(padding, float("-inf"))
             else:
                 bias = ~padding  # boolean mask: True = attend
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, dropout_p=dropout)
-            if self.scale_selection is not None:
+            if maps is None:
+                attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, dropout_p=dropout)
+            else:
+                logits = queries @ keys.transpose(-1, -2) / math.sqrt(d)
+                logits = logits + bias if bias.dtype != torch.bool else logits.masked_fill(~bias, float("-inf"))
+                probs = logits.softmax(-1)
+                attended = probs @ values
+                if self.prior is not None:
+                    maps["prior"][level] = bias.exp()
+                maps["attention"][level] = probs
+            if alpha is not None:
                 attended = attended * alpha[..., i : i + 1]
             out = attended if out is None else out + attended
         return self.out_proj(out.transpose(1, 2).reshape(n, q, c))
