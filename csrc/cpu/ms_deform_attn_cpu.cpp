@@ -2,7 +2,7 @@
 // threading (at::parallel_for) and the choice of the kernel variant for this CPU. The kernels are
 // in isa/ms_deform_attn_cpu_isa.cpp (one source, compiled for the baseline, AVX2 and AVX-512).
 //
-// Forward: parallel over (batch, query); each output row (n, q, :) is owned by one thread.
+// Forward: parallel over chunks of (batch, query); each output row (n, q, :) is owned by one thread.
 // Backward: parallel over (batch, head, level); grad_value rows of one (n, m, level) form a slice
 // that no other task touches, so there are no data races and no atomics, and the result does not
 // depend on the number of threads.
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,23 @@ const cpu::Kernels& select_kernels() {
     return &cpu::baseline::kernels();
   }();
   return *chosen;
+}
+
+// f(begin, end) over [0, n) in chunks of `chunk`, handed out one at a time to the threads of one
+// at::parallel_for: a thread slowed down (other processes on a shared machine) takes fewer chunks
+// instead of holding everyone up, as a static split would. Each chunk is still computed by one
+// thread in a fixed order, so results do not depend on the scheduling.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  const auto work = [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) {
+      f(c * chunk, std::min(n, (c + 1) * chunk));
+    }
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  at::parallel_for(0, workers, 1, work);  // one call per thread (or one serial call when nested)
 }
 
 cpu::Problem to_problem(const MSDeformAttnSizes& s) {
@@ -84,8 +102,8 @@ at::Tensor ms_deform_attn_forward_cpu(
   const auto fn = select_kernels().forward[static_cast<int>(kernel_dtype(value.scalar_type()))];
   const auto p = to_problem(s);
   const int64_t work_per_row = std::max<int64_t>(1, s.M * s.L * s.P * s.D);
-  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
-  at::parallel_for(0, s.N * s.Lq, grain, [&](int64_t begin, int64_t end) {
+  const int64_t chunk = std::max<int64_t>(1, 131072 / work_per_row);  // 32 rows at the encoder's sizes
+  parallel_chunks(s.N * s.Lq, chunk, [&](int64_t begin, int64_t end) {
     fn(p, v.const_data_ptr(), loc.const_data_ptr(), attn.const_data_ptr(), out.mutable_data_ptr(),
        zeros.const_data_ptr(), begin, end);
   });
@@ -127,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const auto zeros = at::zeros({s.D}, value.options());
     const auto fn = select_kernels().backward[static_cast<int>(kernel_dtype(value.scalar_type()))];
     const auto p = to_problem(s);
-    // One task is a whole (n, m, level) slice: grain 1.
-    at::parallel_for(0, s.N * s.M * s.L, 1, [&](int64_t begin, int64_t end) {
+    // One task is a whole (n, m, level) slice.
+    parallel_chunks(s.N * s.M * s.L, 1, [&](int64_t begin, int64_t end) {
       fn(p, go.const_data_ptr(), v.const_data_ptr(), loc.const_data_ptr(), attn.const_data_ptr(),
          grad_value.mutable_data_ptr(), grad_loc.mutable_data_ptr(), grad_attn.mutable_data_ptr(),
          zeros.const_data_ptr(), begin, end);
