@@ -157,15 +157,3 @@ def test_the_tool_has_a_subcommand_per_converter_and_reports_errors(tmp_path, ca
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "other.pth").exists()
 
-
-def test_compare_official_aligns_two_stage_queries_only_within_the_same_proposal_set():
-    compare = load_tool("compare_official")
-    # Ours ranks tokens 5 and 7 the other way round (a tie to float rounding); image 1 picks another set.
-    ours_encoder = torch.tensor([[0.0, 0, 0, 0, 0, 3.0, 0, 2.9999, 1.0], [0, 0, 0, 0, 0, 3.0, 0, 2.0, 1.0]])[..., None]
-    theirs_encoder = torch.tensor([[0.0, 0, 0, 0, 0, 2.9999, 0, 3.0, 1.0], [2.5, 0, 0, 0, 0, 3.0, 0, 0.5, 1.5]])[..., None]
-    logits = torch.arange(6.0).view(2, 3, 1)
-    boxes = torch.arange(24.0).view(2, 3, 4)
-    aligned_logits, aligned_boxes, info = compare._align_two_stage_queries(logits, boxes, ours_encoder, theirs_encoder)
-    assert aligned_logits[0, :, 0].tolist() == [1.0, 0.0, 2.0] and torch.equal(aligned_boxes[0, 0], boxes[0, 1])
-    assert torch.equal(aligned_logits[1], logits[1])  # another set: left as it is, and reported
-    assert info == {"same_proposal_sets": False, "reordered_queries": 2}
