@@ -103,3 +103,13 @@ def test_release_evaluation_nms_option():
         assert (iou <= 0.8).all()  # no two kept boxes of one class overlap above the threshold
     # Untouched pairs keep their scores: the best one is the same.
     assert torch.isclose(a.scores.max(), b.scores.max())
+
+
+def test_dac_matcher_refuses_non_finite_predictions():
+    from hybrid_detr.modeling.dac import DACMatcher
+
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    logits, boxes = torch.zeros(1, 4, 3), torch.full((1, 4, 4), 0.5)
+    logits[0, 2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="DACMatcher: non-finite predicted logits for 1 queries"):
+        DACMatcher()(logits, boxes, targets)

@@ -37,6 +37,20 @@ def focal_class_cost(logits, gt_labels, alpha, gamma):
     return (positive - negative)[:, gt_labels]
 
 
+def check_finite_predictions(matcher: str, logits: torch.Tensor, boxes: torch.Tensor) -> None:
+    """Raise FloatingPointError naming the images and queries whose logits (N, Q, K) or boxes
+    (N, Q, 4) are not finite: a NaN cost would otherwise be matched like any other."""
+    for name, tensor in (("logits", logits), ("boxes", boxes)):
+        bad = ~torch.isfinite(tensor).flatten(2).all(-1)  # (N, Q)
+        if bad.any():
+            images, queries = bad.nonzero(as_tuple=True)
+            raise FloatingPointError(
+                f"{matcher}: non-finite predicted {name} for {int(bad.sum())} queries "
+                f"(batch images {sorted(set(images.tolist()))}, e.g. query {int(queries[0])} of image "
+                f"{int(images[0])}: {tensor[images[0], queries[0]].tolist()[:6]})"
+            )
+
+
 class HungarianMatcher(nn.Module):
     """Deformable DETR's matcher: the optimal one-to-one assignment under the cost
     `cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU)`."""
@@ -58,15 +72,7 @@ class HungarianMatcher(nn.Module):
         Raises FloatingPointError naming the images and queries when a prediction is not finite:
         a NaN cost would otherwise be matched like any other (linear_sum_assignment does not care).
         """
-        for name, tensor in (("logits", logits), ("boxes", boxes)):
-            bad = ~torch.isfinite(tensor).flatten(2).all(-1)  # (N, Q)
-            if bad.any():
-                images, queries = bad.nonzero(as_tuple=True)
-                raise FloatingPointError(
-                    f"HungarianMatcher: non-finite predicted {name} for {int(bad.sum())} queries "
-                    f"(batch images {sorted(set(images.tolist()))}, e.g. query {int(queries[0])} of image "
-                    f"{int(images[0])}: {tensor[images[0], queries[0]].tolist()[:6]})"
-                )
+        check_finite_predictions("HungarianMatcher", logits, boxes)
         n, q = logits.shape[:2]
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:

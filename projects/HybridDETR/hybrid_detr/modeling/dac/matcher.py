@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ..box_ops import batched_box_iou, pad_targets
-from ..matcher import Assignment
+from ..matcher import Assignment, check_finite_predictions
 
 __all__ = ["DACMatcher"]
 
@@ -61,6 +61,7 @@ class DACMatcher(nn.Module):
     def forward(self, logits, boxes, targets) -> Assignment:
         """logits (N, Q, K); boxes (N, Q, 4) cxcywh, the boxes the scores use; targets: per image
         {"labels", "boxes"}."""
+        check_finite_predictions("DACMatcher", logits, boxes)
         if sum(len(t["labels"]) for t in targets) == 0:
             return Assignment.empty(logits.device)
         score, gt_valid = self.scores(logits, boxes, targets)
