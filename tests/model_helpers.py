@@ -60,3 +60,14 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def flatten_config(node, prefix=""):
+    """A config as {"A.B.C": value}, to compare two configs key by key."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

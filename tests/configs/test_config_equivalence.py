@@ -5,20 +5,13 @@ import os
 import pytest
 
 from hybrid_detr.config import load_config
+from model_helpers import flatten_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 MODE = "MODEL.HYBRID_DETR.DECODER_MODE"
 PLUS_PLUS = {"MODEL.HYBRID_DETR.TWO_STAGE": True, "MODEL.HYBRID_DETR.WITH_BOX_REFINE": True}
 
 
-def _flatten(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.parametrize(
@@ -52,7 +45,7 @@ def _flatten(node, prefix=""):
     ],
 )
 def test_mode_config_is_its_baseline_plus_the_mode(config, baseline, expected):
-    mode_keys = _flatten(load_config(os.path.join(CONFIGS, config)))
-    base_keys = _flatten(load_config(os.path.join(CONFIGS, baseline)))
+    mode_keys = flatten_config(load_config(os.path.join(CONFIGS, config)))
+    base_keys = flatten_config(load_config(os.path.join(CONFIGS, baseline)))
     differ = {k: mode_keys[k] for k in mode_keys if mode_keys[k] != base_keys[k] and k != "OUTPUT_DIR"}
     assert differ == expected

@@ -18,56 +18,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
 import train_net
+from tiny_runs import BASE_CONFIG, TINY_CONFIG  # the tiny model and dataset config the engine tests share
 from hybrid_detr.data import SYNTHETIC_CLASSES, register_synthetic_datasets
 from hybrid_detr.config import load_config
 from hybrid_detr.engine import build_optimizer, get_param_groups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT_DIR = os.path.join(ROOT, "projects", "HybridDETR")
-BASE_CONFIG = os.path.join(ROOT, "configs", "Base-HybridDETR.yaml")
 PREFIX = "tiny_synthetic"
 SPLITS = dict(num_train=12, num_val=4, min_side=96, max_side=128)
 
-TINY_CONFIG = """\
-_BASE_: "{base}"
-MODEL:
-  DEVICE: "cpu"
-  WEIGHTS: ""
-  BACKBONE:
-    FREEZE_AT: 0
-  RESNETS:
-    DEPTH: 18
-    RES2_OUT_CHANNELS: 64
-    NORM: "GN"
-  HYBRID_DETR:
-    NUM_CLASSES: {num_classes}
-    HIDDEN_DIM: 32
-    NHEADS: 2
-    ENC_LAYERS: 1
-    DEC_LAYERS: 2
-    DIM_FEEDFORWARD: 64
-    NUM_QUERIES: 10
-    DROPOUT: 0.0
-DATASETS:
-  TRAIN: ("{prefix}_train",)
-  TEST: ("{prefix}_val",)
-SOLVER:
-  IMS_PER_BATCH: 2
-  MAX_ITER: 3
-  STEPS: (2,)
-  CHECKPOINT_PERIOD: 100
-INPUT:
-  MIN_SIZE_TRAIN: (64, 80)
-  MAX_SIZE_TRAIN: 96
-  MIN_SIZE_TEST: 64
-  MAX_SIZE_TEST: 96
-  CROP:
-    SIZE: (48, 64)
-  DETR_CROP_RESIZE: [64, 80]
-DATALOADER:
-  NUM_WORKERS: 0
-SEED: 0
-"""
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ MODEL:
     RES2_OUT_CHANNELS: 64
     NORM: "GN"
   HYBRID_DETR:
-    NUM_CLASSES: 6
+    NUM_CLASSES: {num_classes}
     HIDDEN_DIM: 32
     NHEADS: 2
     ENC_LAYERS: 1
@@ -102,7 +102,7 @@ class TinySetup:
             MetadataCatalog.remove(name)
         self.config = os.path.join(self.root, "tiny.yaml")
         with open(self.config, "w") as f:
-            f.write(TINY_CONFIG.format(base=BASE_CONFIG, prefix=PREFIX))
+            f.write(TINY_CONFIG.format(base=BASE_CONFIG, prefix=PREFIX, num_classes=6))
         self.runner = os.path.join(self.root, "run_train_net.py")
         with open(self.runner, "w") as f:
             f.write(RUNNER.format(project=PROJECT_DIR, datasets=self.datasets, prefix=PREFIX, splits=SPLITS))

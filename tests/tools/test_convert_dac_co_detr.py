@@ -13,7 +13,7 @@ from hybrid_detr.config import load_config
 from hybrid_detr.converters import CONVERTERS, ConversionError, convert_file
 from hybrid_detr.converters.common import COCO_THING_IDS
 from hybrid_detr.model_zoo import get_config_file
-from model_helpers import load_tool
+from model_helpers import flatten_config, load_tool
 from official_keys import deformable_detr_keys, seeded_state_dict
 from official_keys_dac_co_detr import co_deformable_detr_keys, dac_detr_keys
 
@@ -238,18 +238,10 @@ def test_compare_official_pins_the_top_k_order_without_changing_anything_else():
     assert torch.allclose(queries.reference, boxes.gather(1, lowest[..., None].expand(-1, -1, 4)), atol=1e-6)
 
 
-def _flat(cfg, prefix=""):
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _config_difference(config, baseline):
-    a, b = (_flat(load_config(get_config_file(c))) for c in (config, baseline))
+    a, b = (flatten_config(load_config(get_config_file(c))) for c in (config, baseline))
     assert set(a) == set(b)
     return {k: a[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
 
