@@ -45,11 +45,11 @@ def run_dir(output: str, spec: str, seed: int) -> str:
 
 def read_run(directory: str) -> Dict:
     """The evaluations of one run from its metrics.json: {"evals": [{iteration, train_time_s, AP, AP50}],
-    "max_iter_logged": last iteration logged}."""
+    "max_iter_logged": last training iteration logged}. `iteration` counts the steps done."""
     path = os.path.join(directory, "metrics.json")
     if not os.path.isfile(path):
         return {"evals": [], "max_iter_logged": -1}
-    evals, train_time, last_iter = [], 0.0, -1
+    evals, train_time, last_step = [], 0.0, -1
     with open(path) as f:
         for line in f:
             line = line.strip()
@@ -57,14 +57,16 @@ def read_run(directory: str) -> Dict:
                 continue
             row = json.loads(line)
             iteration = row.get("iteration", -1)
-            if "time" in row and iteration > last_iter:
-                train_time += (iteration - last_iter) * row["time"]  # time: seconds per iteration
-            last_iter = max(last_iter, iteration)
+            if "time" in row and iteration > last_step:
+                train_time += (iteration - last_step) * row["time"]  # time: seconds per iteration
+                last_step = iteration
             if "bbox/AP" in row:
-                evals.append(
-                    {"iteration": iteration + 1, "train_time_s": train_time, "AP": row["bbox/AP"], "AP50": row["bbox/AP50"]}
-                )
-    return {"evals": evals, "max_iter_logged": last_iter}
+                evals.append({"iteration": iteration, "train_time_s": train_time, "AP": row["bbox/AP"], "AP50": row["bbox/AP50"]})
+    # An evaluation during training is logged at the index of the step it follows (199 after 200
+    # steps), the one after training at the step count (MAX_ITER): both become steps done.
+    for e in evals:
+        e["iteration"] = min(e["iteration"] + 1, last_step + 1)
+    return {"evals": evals, "max_iter_logged": last_step}
 
 
 def summarize(runs: Dict[str, Dict[int, Dict]]) -> Dict[str, List[Dict]]:

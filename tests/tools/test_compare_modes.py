@@ -14,8 +14,10 @@ def _write_run(directory, evals, seconds_per_iter):
     rows = []
     for it in range(19, 100, 20):
         rows.append({"iteration": it, "time": seconds_per_iter, "total_loss": 1.0})
-        if it + 1 in evals:
+        if it + 1 in evals and it + 1 < 100:
             rows.append({"iteration": it, "bbox/AP": evals[it + 1], "bbox/AP50": 2 * evals[it + 1]})
+    if 100 in evals:  # the evaluation after training is logged at the step count
+        rows.append({"iteration": 100, "bbox/AP": evals[100], "bbox/AP50": 2 * evals[100]})
     (directory / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
