@@ -291,12 +291,17 @@ def plot_decoder_sampling(captured: Captured, image: np.ndarray, path: str, laye
             ax.set_xlim(0, image.shape[1]); ax.set_ylim(image.shape[0], 0)
     fig.suptitle(f"decoder layer {layer_index}, {'all heads' if head is None else f'head {head}'}: sampling points "
                  f"coloured by attention weight (+ reference point, green box: detection)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
+    _save_with_weight_colorbar(plt, fig, sc, path, top=0.97)
+    return {"path": path, "queries": queries, "pixels": pixels, "weights": weights, "layer": layer_index}
+
+
+def _save_with_weight_colorbar(plt, fig, scatter, path, top):
+    """Lay the panels out left of an "attention weight" colourbar for `scatter`, save, close."""
+    fig.tight_layout(rect=(0, 0, 0.93, top))
     cax = fig.add_axes([0.94, 0.15, 0.015, 0.7])
-    fig.colorbar(sc, cax=cax).set_label("attention weight", fontsize=9)
+    fig.colorbar(scatter, cax=cax).set_label("attention weight", fontsize=9)
     fig.savefig(path)
     plt.close(fig)
-    return {"path": path, "queries": queries, "pixels": pixels, "weights": weights, "layer": layer_index}
 
 
 def plot_encoder_sampling(captured: Captured, image: np.ndarray, path: str, pixel, layer: int = -1,
@@ -329,11 +334,7 @@ def plot_encoder_sampling(captured: Captured, image: np.ndarray, path: str, pixe
             ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"encoder layer {layer % len(names)}: where the level-{level} token at pixel "
                  f"({pixel[0]:.0f}, {pixel[1]:.0f}) (star) samples, coloured by attention weight", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.96))
-    cax = fig.add_axes([0.94, 0.15, 0.015, 0.7])
-    fig.colorbar(sc, cax=cax).set_label("attention weight", fontsize=9)
-    fig.savefig(path)
-    plt.close(fig)
+    _save_with_weight_colorbar(plt, fig, sc, path, top=0.96)
     return {"path": path, "token": token, "pixels": pixels, "weights": weights}
 
 
