@@ -117,13 +117,18 @@ class DetectionCriterion(nn.Module):
         prefix: str = "",
         aux_loss: bool = True,
         classification_loss: Optional[ClassificationLoss] = None,
-        class_weight: Optional[float] = None,
+        classification: Optional[ClassificationLossSpec] = None,
     ) -> Dict[str, torch.Tensor]:
         """Losses of every decoder layer (the last only without `aux_loss`).
 
-        `assign(layer, logits, boxes)` gives that layer's assignment. Names are
-        `{prefix}loss_class` for the last layer and `{prefix}loss_class_{layer}` for the others.
+        `assign(layer, logits, boxes)` gives that layer's assignment. The classification loss is
+        focal (CLASS_WEIGHT), or `classification_loss` (CLASS_WEIGHT), or a mode's `classification`
+        spec (its loss for these targets, its weight). Names are `{prefix}loss_class` for the last
+        layer and `{prefix}loss_class_{layer}` for the others.
         """
+        class_weight = None
+        if classification is not None:
+            classification_loss, class_weight = classification.build(targets), classification.weight
         last = outputs.num_layers - 1
         losses = {}
         for layer in range(last + 1) if aux_loss else [last]:

@@ -100,12 +100,10 @@ class HybridDETR(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = normalized_targets(gt_instances, images.image_sizes)
         num_boxes = num_boxes_across_workers(targets, self.device)
-        classification = self.one_to_one_classification
         losses = self.criterion.decoder_losses(
             one_to_one, targets, lambda _, logits, boxes: self.matcher(logits, boxes, targets), num_boxes,
             aux_loss=self.aux_loss,
-            classification_loss=classification.build(targets) if classification else None,
-            class_weight=classification.weight if classification else None,
+            classification=self.one_to_one_classification,
         )
         if encoder_predictions is not None:
             # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):

@@ -81,7 +81,6 @@ class DACBranch(nn.Module):
         def assign(layer, logits, boxes):
             return self.matcher(logits, o_boxes[layer] if self.match_against_o_boxes else boxes, targets)
 
-        classification = self.classification
         return inputs.criterion.decoder_losses(
             c_out,
             targets,
@@ -89,8 +88,7 @@ class DACBranch(nn.Module):
             inputs.num_boxes * self.loss_norm_factor,
             prefix="dac_",
             aux_loss=self.aux_loss,
-            classification_loss=classification.build(targets) if classification else None,
-            class_weight=classification.weight if classification else None,
+            classification=self.classification,
         )
 
 
