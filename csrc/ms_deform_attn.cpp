@@ -96,11 +96,22 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
                 shape_str(grad_output));
   }
 
-  // Level layout: sum of H*W == S and level_start_index == exclusive cumsum.
-  const at::Tensor shapes_cpu = spatial_shapes.to(at::kCPU).contiguous();
-  const at::Tensor starts_cpu = level_start_index.to(at::kCPU).contiguous();
-  const int64_t* hw = shapes_cpu.data_ptr<int64_t>();
-  const int64_t* st = starts_cpu.data_ptr<int64_t>();
+  if (dev.is_cpu() || std::getenv("HYBRID_DETR_SYNC_CHECKS") != nullptr) {
+    // The CPU kernels need the sizes on the host anyway (free on a CPU tensor); on a GPU this copy
+    // synchronises, so it is taken there only when asked for its precise message.
+    check_level_layout_on_host(op, spatial_shapes.to(at::kCPU).contiguous(), level_start_index.to(at::kCPU).contiguous(),
+                               s);
+  } else {
+    // The CUDA kernels read the layout from device memory: check it there, without a device-to-host sync.
+    check_level_layout(spatial_shapes, level_start_index, s.S);
+  }
+  return s;
+}
+
+void check_level_layout_on_host(const char* op, const at::Tensor& shapes_cpu, const at::Tensor& starts_cpu,
+                                MSDeformAttnSizes& s) {
+  const int64_t* hw = shapes_cpu.const_data_ptr<int64_t>();
+  const int64_t* st = starts_cpu.const_data_ptr<int64_t>();
   s.H.resize(s.L);
   s.W.resize(s.L);
   s.start.resize(s.L);
@@ -117,7 +128,28 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
   }
   TORCH_CHECK(total == s.S, op, ": the sum over levels of H*W from spatial_shapes is ", total,
               " but value has S = ", s.S, " keys");
-  return s;
+}
+
+void check_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_keys) {
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 && level_start_index.dim() == 1 &&
+                  level_start_index.size(0) == spatial_shapes.size(0),
+              "check_level_layout: spatial_shapes must be (L, 2) and level_start_index (L,), got ",
+              shape_str(spatial_shapes), " and ", shape_str(level_start_index));
+  if (spatial_shapes.size(0) == 0) {
+    TORCH_CHECK(num_keys == 0, "ms_deform_attn: no levels in spatial_shapes but value has S = ", num_keys, " keys");
+    return;
+  }
+  const auto areas = spatial_shapes.select(1, 0) * spatial_shapes.select(1, 1);
+  const auto ends = areas.cumsum(0);
+  const auto consistent = spatial_shapes.ge(0).all()
+                              .logical_and(level_start_index.eq(ends - areas).all())
+                              .logical_and(ends.select(0, -1).eq(num_keys));
+  // Raises at once on the CPU; on a GPU a device-side assertion, in stream order before the kernel.
+  // HYBRID_DETR_SYNC_CHECKS=1 gives the host check's precise message instead.
+  at::_assert_async(consistent,
+                    "ms_deform_attn: spatial_shapes / level_start_index / value are inconsistent (negative H or W, "
+                    "level_start_index not the exclusive cumsum of H*W, or sum of H*W != S); "
+                    "rerun with HYBRID_DETR_SYNC_CHECKS=1 for which one");
 }
 
 bool cuda_backward_deterministic() {
@@ -165,6 +197,9 @@ TORCH_LIBRARY(hybrid_detr, m) {
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
   // The CUDA backward's choice, as an op so that CPU tests see its alert as Python errors/warnings.
   m.def("_cuda_backward_deterministic() -> bool", &cuda_backward_deterministic);
+  // The level-layout check the CUDA path runs on the device (no sync), as an op so CPU tests can run it.
+  m.def("_check_level_layout(Tensor spatial_shapes, Tensor level_start_index, int num_keys) -> ()",
+        &check_level_layout);
 }
 
 } // namespace hybrid_detr

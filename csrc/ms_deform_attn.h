@@ -19,13 +19,15 @@ namespace hybrid_detr {
 
 struct MSDeformAttnSizes {
   int64_t N, S, M, D, Lq, L, P;
-  // Host copies of spatial_shapes and level_start_index.
+  // Host copies of spatial_shapes and level_start_index: filled for CPU tensors only (the CPU
+  // kernels need them); the CUDA kernels read them from device memory.
   std::vector<int64_t> H, W, start;
 };
 
 // Validates the inputs (shapes, dtypes, devices and the level layout) and returns the sizes.
-// `grad_output` may be undefined (forward). Reads spatial_shapes/level_start_index on the host
-// (a tiny device-to-host copy when they live on the GPU).
+// `grad_output` may be undefined (forward). The level layout (spatial_shapes, level_start_index
+// against S) is checked on the host for CPU tensors, and on the device for GPU tensors (no
+// device-to-host synchronisation; HYBRID_DETR_SYNC_CHECKS=1 checks on the host there too).
 MSDeformAttnSizes check_ms_deform_attn_inputs(
     const char* op,
     const at::Tensor& value,
@@ -34,6 +36,14 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
     const at::Tensor& grad_output = at::Tensor());
+
+// Fills s.H / s.W / s.start from host copies of the layout, checking it with a precise message.
+void check_level_layout_on_host(const char* op, const at::Tensor& shapes_cpu, const at::Tensor& starts_cpu,
+                                MSDeformAttnSizes& s);
+
+// The same check with tensor ops on the layout's own device: raises at once on the CPU, a device-side
+// assertion (in stream order, no synchronisation) on a GPU.
+void check_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t num_keys);
 
 // The CPU kernel variant in use: "baseline", "avx2" or "avx512" (cpu/ms_deform_attn_cpu.cpp).
 const char* cpu_kernel_isa();

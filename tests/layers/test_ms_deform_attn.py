@@ -182,6 +182,31 @@ def test_bad_inputs(changes, match):
         op(*_bad(**changes))
 
 
+# The layout check the CUDA path runs on the device (tensor ops + _assert_async, no host copy), run
+# here on CPU tensors, where the same assertion raises at once.
+LAYOUTS = [
+    ([[4, 3], [2, 2]], [0, 12], 16, True),
+    ([[4, 3], [2, 2]], [0, 13], 16, False),  # start not the exclusive cumsum
+    ([[4, 3], [2, 2]], [1, 12], 16, False),
+    ([[4, 3], [2, 2]], [0, 12], 17, False),  # sum of H*W != S
+    ([[-4, 3], [2, 2]], [0, -12], -8, False),  # negative H, otherwise consistent
+    ([[0, 3], [2, 2]], [0, 0], 4, True),  # an empty level is allowed
+]
+
+
+@pytest.mark.parametrize("shapes,starts,num_keys,consistent", LAYOUTS)
+def test_device_side_level_layout_check(shapes, starts, num_keys, consistent):
+    check = torch.ops.hybrid_detr._check_level_layout
+    shapes, starts = torch.tensor(shapes), torch.tensor(starts)
+    if consistent:
+        check(shapes, starts, num_keys)
+    else:
+        with pytest.raises(RuntimeError, match=r"spatial_shapes / level_start_index / value are inconsistent"):
+            check(shapes, starts, num_keys)
+    with pytest.raises(RuntimeError, match=r"no levels in spatial_shapes but value has S = 3"):
+        check(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3)
+
+
 def test_bad_grad_output():
     v, ss, lsi, loc, attn = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"grad_output must be \(N, Lq, M\*D\)"):

@@ -146,10 +146,29 @@ def test_device_mismatch():
         op(v, ss, lsi, loc.cpu(), attn)
 
 
-def test_bad_level_layout_on_cuda():
+def test_bad_level_layout_on_cuda_with_sync_checks(monkeypatch):
+    # The default check is a device-side assertion (it poisons the CUDA context, so it is not
+    # triggered here); HYBRID_DETR_SYNC_CHECKS=1 checks on the host with the precise message.
+    monkeypatch.setenv("HYBRID_DETR_SYNC_CHECKS", "1")
     v, ss, lsi, loc, attn = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32, device=DEV)
     with pytest.raises(RuntimeError, match=r"level_start_index\[1\] = 13 is inconsistent"):
         op(v, ss, lsi + torch.tensor([0, 1], device=DEV), loc, attn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_and_backward_do_not_synchronize(dtype):
+    """No device-to-host copy in the op (the layout is checked on the device): any synchronising call
+    raises under sync debug mode "error"."""
+    v, ss, lsi, loc, attn = make_inputs(2, 30, 8, 16, [(16, 12), (8, 6), (4, 3)], 4, dtype=dtype, device=DEV)
+    v, loc, attn = (t.requires_grad_() for t in (v, loc, attn))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = op(v, ss, lsi, loc, attn)
+        torch.autograd.grad(out.float().sum(), (v, loc, attn))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 def test_dispatcher_wrapper_uses_cuda_kernel(recwarn):
