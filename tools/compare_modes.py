@@ -14,6 +14,9 @@ set every `--eval-period` iterations and at the end. A mode may carry config ove
 Written to OUTPUT_DIR: `compare_modes.json` (every evaluation of every run), `compare_modes.md` (AP and
 AP50, mean ± std over seeds at every evaluated iteration, and the training time), `compare_modes.png`
 (AP against iteration and against training time, one line per mode, the band one std).
+A seed not started yet is left out of its mode's rows (`--report-only` writes the table and PNG of the
+runs so far without training, e.g. while a comparison is still running). Peak RSS: each finished run's
+peak resident memory (its training process's VmHWM, polled every second), in `run_info.json` beside its metrics.
 Training time is the sum of the per-iteration times detectron2 logs (`time` in metrics.json), evaluation
 excluded. The comparison pairs the papers make: deformable vs dac, deformable vs co_detr (K = 1, 2),
 dense vs smca, deformable vs smca with SMCA.DEFORMABLE.
@@ -66,13 +69,19 @@ def read_run(directory: str) -> Dict:
     # steps), the one after training at the step count (MAX_ITER): both become steps done.
     for e in evals:
         e["iteration"] = min(e["iteration"] + 1, last_step + 1)
-    return {"evals": evals, "max_iter_logged": last_step}
+    run = {"evals": evals, "max_iter_logged": last_step}
+    info = os.path.join(directory, "run_info.json")
+    if os.path.isfile(info):
+        with open(info) as f:
+            run["peak_rss_mib"] = json.load(f)["peak_rss_mib"]
+    return run
 
 
 def summarize(runs: Dict[str, Dict[int, Dict]]) -> Dict[str, List[Dict]]:
     """Per mode: for every iteration evaluated in all its seeds, mean and std of AP / AP50 / time."""
     summary = {}
     for spec, seeds in runs.items():
+        seeds = {seed: run for seed, run in seeds.items() if run["evals"]}  # not started: left out
         by_iter: Dict[int, List[Dict]] = {}
         for run in seeds.values():
             for e in run["evals"]:
@@ -88,18 +97,25 @@ def summarize(runs: Dict[str, Dict[int, Dict]]) -> Dict[str, List[Dict]]:
                 row[key] = statistics.fmean(values)
                 row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             rows.append(row)
+        rss = [run["peak_rss_mib"] for run in seeds.values() if "peak_rss_mib" in run]
+        if rows and len(rss) == rows[-1]["seeds"]:
+            rows[-1]["peak_rss_mib"] = statistics.fmean(rss)  # of the whole run, on its last row
         summary[spec] = rows
     return summary
 
 
 def format_table(summary: Dict[str, List[Dict]], header: str = "") -> str:
     lines = [header] if header else []
-    lines += ["| mode | iteration | seeds | AP | AP50 | training time (s) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| mode | iteration | seeds | AP | AP50 | training time (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for spec, rows in summary.items():
         for r in rows:
+            rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else ""
             lines.append(
                 f"| {spec} | {r['iteration']} | {r['seeds']} | {r['AP']:.1f} ± {r['AP_std']:.1f} | "
-                f"{r['AP50']:.1f} ± {r['AP50_std']:.1f} | {r['train_time_s']:.0f} ± {r['train_time_s_std']:.0f} |"
+                f"{r['AP50']:.1f} ± {r['AP50_std']:.1f} | {r['train_time_s']:.0f} ± {r['train_time_s_std']:.0f} | {rss} |"
             )
     return "\n".join(lines)
 
@@ -134,6 +150,19 @@ def plot(summary: Dict[str, List[Dict]], path: str, title: str = ""):
     plt.close(fig)
 
 
+def _peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM, KiB), 0 once it is gone. Read from /proc rather
+    than wait4's ru_maxrss, which also counts the memory of this (forking) process before the exec."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _train(config_file, spec, seed, directory, eval_period, threads, extra_opts, log):
     opts = mode_spec_overrides(spec) + ["SEED", str(seed), "OUTPUT_DIR", directory, "TEST.EVAL_PERIOD", str(eval_period)]
     cmd = [sys.executable, TRAIN_NET, "--config-file", config_file] + opts + list(extra_opts)
@@ -141,9 +170,17 @@ def _train(config_file, spec, seed, directory, eval_period, threads, extra_opts,
     os.makedirs(directory, exist_ok=True)
     start = time.time()
     with open(os.path.join(directory, "compare_modes.log"), "w") as out:
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    log(f"{spec} seed {seed}: exit {result.returncode} after {time.time() - start:.0f} s ({directory})")
-    if result.returncode != 0:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        peak_rss_kib = 0
+        while process.poll() is None:
+            peak_rss_kib = max(peak_rss_kib, _peak_rss_kib(process.pid))
+            time.sleep(1.0)
+    wall = time.time() - start
+    log(f"{spec} seed {seed}: exit {process.returncode} after {wall:.0f} s ({directory})")
+    if process.returncode == 0:
+        with open(os.path.join(directory, "run_info.json"), "w") as f:
+            json.dump({"wall_s": wall, "peak_rss_mib": peak_rss_kib / 1024}, f)
+    else:
         raise RuntimeError(f"training {spec} seed {seed} failed: see {directory}/compare_modes.log")
 
 
@@ -156,6 +193,7 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per run (default 1)")
     parser.add_argument("--output", default="output/compare_modes")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: write the table and PNG of the runs so far")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE ...")
     args = parser.parse_args(argv)
     if len(set(args.modes)) != len(args.modes):
@@ -172,6 +210,8 @@ def main(argv=None):
         for spec in args.modes:
             directory = run_dir(args.output, spec, seed)
             done = read_run(directory)
+            if args.report_only:
+                continue
             if done["evals"] and done["evals"][-1]["iteration"] == max_iter:
                 log(f"{spec} seed {seed}: already done ({directory})")
                 continue

@@ -22,6 +22,8 @@ Reported per mode, and as a ratio to the first mode:
   device, through autograd's saved-tensor hooks;
 - peak memory (CUDA only): the allocator's peak during a step above what was allocated before it,
   plus the model's parameters and optimizer state: the memory the step would need alone.
+A mode with SOLVER.AMP.ENABLED runs its forward under the trainer's autocast (bfloat16 on the CPU;
+on CUDA float16 without the trainer's loss scaler, which changes nothing of the step's cost).
 """
 import argparse
 import json
@@ -43,6 +45,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from hybrid_detr.config import load_config, merge_overrides, mode_spec_overrides  # noqa: E402
 from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
 from hybrid_detr.engine import build_optimizer  # noqa: E402
+from hybrid_detr.engine.mixed_precision import autocast_context  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ def compare_step_cost(cfg, modes: List[str], iters: int = 20, warmup: int = 3, s
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            with meters[mode]:
+            with meters[mode], autocast_context(models[mode][0]):
                 loss_dict = model(batches[it])
             loss = sum(loss_dict.values())
             loss.backward()

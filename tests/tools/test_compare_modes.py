@@ -51,6 +51,37 @@ def test_mean_and_std_over_seeds_only_where_every_seed_evaluated(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_seeds_not_started_are_left_out_and_peak_rss_is_reported(tmp_path):
+    _write_run(tmp_path / "a0", {40: 10.0, 100: 20.0}, 0.5)
+    (tmp_path / "a0" / "run_info.json").write_text(json.dumps({"wall_s": 60.0, "peak_rss_mib": 512.0}))
+    runs = {"deformable": {0: compare_modes.read_run(str(tmp_path / "a0")), 1: compare_modes.read_run(str(tmp_path / "none"))}}
+    rows = compare_modes.summarize(runs)["deformable"]
+    assert [(r["iteration"], r["seeds"]) for r in rows] == [(40, 1), (100, 1)]
+    assert "peak_rss_mib" not in rows[0] and rows[-1]["peak_rss_mib"] == 512.0
+    assert "| deformable | 100 | 1 | 20.0 ± 0.0 | 40.0 ± 0.0 | 50 ± 0 | 512 |" in compare_modes.format_table({"deformable": rows})
+
+
+def test_a_run_records_its_own_peak_memory(tmp_path, monkeypatch):
+    # A stand-in for train_net.py that holds ~200 MiB: the run's peak RSS is its own (not this
+    # process's, which is larger), measured.
+    script = tmp_path / "fake_train_net.py"
+    script.write_text("import time\nblock = b'x' * (200 * 2**20)\ntime.sleep(3)\n")
+    monkeypatch.setattr(compare_modes, "TRAIN_NET", str(script))
+    compare_modes._train("unused.yaml", "deformable", 0, str(tmp_path / "run"), 200, 1, [], lambda m: None)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert 200 <= info["peak_rss_mib"] < 400
+
+
+def test_report_only_trains_nothing(tmp_path, monkeypatch):
+    _write_run(tmp_path / "out" / "deformable" / "seed0", {40: 10.0}, 0.5)
+    monkeypatch.setattr(compare_modes, "_train", lambda *a: pytest.fail("--report-only must not train"))
+    summary = compare_modes.main(["--config-file", "configs/quickstart/deformable_detr_r18_synthetic.yaml",
+                                  "--modes", "deformable", "dac", "--seeds", "0", "1", "--report-only",
+                                  "--output", str(tmp_path / "out")])
+    assert [r["AP"] for r in summary["deformable"]] == [10.0] and summary["dac"] == []
+    assert (tmp_path / "out" / "compare_modes.png").is_file()
+
+
 def test_malformed_mode_spec_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="KEY=VALUE"):
         compare_modes.main(["--config-file", "configs/quickstart/deformable_detr_r18_synthetic.yaml",

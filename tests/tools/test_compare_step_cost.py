@@ -41,3 +41,14 @@ def test_dac_and_baseline_run_on_the_same_weights():
     # The C pass keeps its own activations for backward.
     assert dac["saved_for_backward_mib"] > base["saved_for_backward_mib"] > 0
     assert "dac" in compare_step_cost.format_step_cost(result)
+
+
+def test_amp_mode_runs_under_the_trainers_autocast():
+    # Under autocast the step saves other tensors for backward (bfloat16 activations and weight copies).
+    cfg = tiny_cfg()
+    cfg.freeze()
+    modes = ["deformable", "deformable@SOLVER.AMP.ENABLED=True"]
+    result = compare_step_cost.compare_step_cost(cfg, modes, iters=1, warmup=0, batches=[synthetic_batch()])
+    fp32, bf16 = (result["modes"][m] for m in modes)
+    assert bf16["parameters"] == fp32["parameters"]
+    assert abs(bf16["saved_for_backward_mib"] - fp32["saved_for_backward_mib"]) > 0.05 * fp32["saved_for_backward_mib"]

@@ -14,7 +14,9 @@ from torch import nn
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["amp_dtype", "AutocastModel", "build_step_runner"]
+import contextlib
+
+__all__ = ["amp_dtype", "autocast_context", "AutocastModel", "build_step_runner"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,6 +30,13 @@ def amp_dtype(cfg) -> torch.dtype:
     if device == "cpu" and precision == "float16":
         raise ValueError("SOLVER.AMP.PRECISION 'float16' is not supported on the CPU: use 'bfloat16' (or 'auto')")
     return _DTYPES[precision]
+
+
+def autocast_context(cfg):
+    """The autocast a training step runs under with this config (a no-op context without AMP)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg.MODEL.DEVICE).type, dtype=amp_dtype(cfg))
 
 
 class AutocastModel(nn.Module):
