@@ -36,10 +36,12 @@ PLUS_PLUS = {"MODEL.HYBRID_DETR.TWO_STAGE": True, "MODEL.HYBRID_DETR.WITH_BOX_RE
             "coco/deformable_detr_r50_12ep.yaml",
             {**PLUS_PLUS, "MODEL.HYBRID_DETR.DIM_FEEDFORWARD": 2048},
         ),
+        # Co-DETR's baseline is its release's query head (mixed selection, look-forward-twice, dropout 0)
+        ("coco/co_deformable_detr_r50_12ep.yaml", "coco/co_deformable_detr_r50_12ep_query_head.yaml", {MODE: "co_detr"}),
         (
-            "coco/co_deformable_detr_r50_12ep.yaml",
-            "coco/deformable_detr_r50_12ep.yaml",
-            {MODE: "co_detr", **PLUS_PLUS, "MODEL.HYBRID_DETR.DIM_FEEDFORWARD": 2048, "MODEL.HYBRID_DETR.DROPOUT": 0.0},
+            "coco/co_deformable_detr_r50_12ep_query_head.yaml",
+            "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml",
+            {f"MODEL.HYBRID_DETR.{k}": v for k, v in {"DROPOUT": 0.0, "MIXED_SELECTION": True, "LOOK_FORWARD_TWICE": True}.items()},
         ),
         ("coco/smca_deformable_detr_r50_50ep.yaml", "coco/deformable_detr_r50_50ep.yaml", {MODE: "smca"}),
     ],

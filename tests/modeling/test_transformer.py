@@ -22,6 +22,14 @@ def test_layout_flattens_and_splits_back():
     assert layout.flatten(masks).shape == (2, 27)
 
 
+def test_symbolic_layout_equals_the_int_one_in_eager_mode():
+    maps = [torch.randn(1, 3, 4, 5), torch.randn(1, 3, 2, 3)]
+    ints, symbolic = LevelLayout.of_maps(maps), LevelLayout.of_maps(maps, symbolic=True)
+    assert symbolic.shapes == ints.shapes
+    assert torch.equal(symbolic.spatial_shapes, ints.spatial_shapes)
+    assert torch.equal(symbolic.level_start_index, ints.level_start_index)
+
+
 def test_layout_needs_no_device_values():
     """Shapes come from the maps' sizes: a layout of meta tensors (which hold no values) works."""
     layout = LevelLayout.of_maps([torch.empty(1, 8, 6, 7, device="meta"), torch.empty(1, 8, 3, 4, device="meta")])

@@ -10,9 +10,9 @@ exports: deformable, dac, co_detr (deformable cross-attention) and smca (dense a
 Softmax).
 
 The model's own forward keeps the level shapes as host ints (`LevelLayout.of_maps`), which would
-freeze the image size into an exported graph; `InferenceGraph` builds the same layout with the
-shapes left symbolic and otherwise calls the model's modules unchanged (tested equal to
-`HybridDETR.forward`).
+freeze the image size into an exported graph; `InferenceGraph` passes the model's `encode_levels` the
+same layout with the shapes left symbolic (`LevelLayout.of_maps(maps, symbolic=True)`) and otherwise
+calls the model's modules unchanged (tested equal to `HybridDETR.forward`).
 
 Our op:
 - ONNX (`backend="reference"`): every `MSDeformAttn` runs the pure-PyTorch reference
@@ -22,7 +22,7 @@ Our op:
   `torch.ops.hybrid_detr.ms_deform_attn` in the graph.
 """
 import contextlib
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -30,23 +30,13 @@ from torchvision.ops import box_convert
 
 from ..layers import MSDeformAttn
 from ..layers.ms_deform_attn_func import ms_deform_attn_reference
-from ..modeling.token_layout import EncoderMemory, LevelLayout, valid_ratios
+from ..modeling.token_layout import EncoderMemory, LevelLayout
 
-__all__ = ["InferenceGraph", "symbolic_layout", "preprocess_for_export", "export_onnx", "export_torch",
+__all__ = ["InferenceGraph", "preprocess_for_export", "export_onnx", "export_torch",
            "ONNX_OUTPUTS", "ONNX_INPUTS"]
 
 ONNX_INPUTS = ["image", "image_size"]
 ONNX_OUTPUTS = ["scores", "labels", "boxes"]
-
-
-def symbolic_layout(maps: Sequence[torch.Tensor]) -> LevelLayout:
-    """`LevelLayout.of_maps` without converting the level shapes to Python ints (so that they stay
-    symbolic under `torch.export`); in eager mode the two are equal."""
-    shapes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
-    spatial_shapes = torch.tensor([list(s) for s in shapes], dtype=torch.int64, device=maps[0].device)
-    sizes = spatial_shapes.prod(1)
-    level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-    return LevelLayout(shapes, spatial_shapes, level_start_index)
 
 
 @contextlib.contextmanager
@@ -88,15 +78,10 @@ class InferenceGraph(nn.Module):
         self._shapes: List = [None]
 
     def encode(self, maps, masks, positions) -> EncoderMemory:
-        """`HybridDETR.encode_levels` with a symbolic layout."""
-        m = self.model
-        layout = symbolic_layout(maps)
-        self._shapes[0] = [list(s) for s in layout.shapes]
-        ratios = valid_ratios(masks)
-        src = layout.flatten(maps)
-        pos = layout.flatten([p + m.level_embed[level][:, None, None] for level, p in enumerate(positions)])
-        flat_mask = layout.flatten(masks)
-        return EncoderMemory(m.encoder(src, pos, layout, ratios, flat_mask), layout, ratios, flat_mask, pos)
+        """`HybridDETR.encode_levels` with the level shapes kept symbolic (exported dynamic sizes)."""
+        layout = LevelLayout.of_maps(maps, symbolic=True)
+        self._shapes[0] = [list(s) for s in layout.shapes]  # for the reference sampling
+        return self.model.encode_levels(maps, masks, positions, layout)
 
     def forward(self, image: torch.Tensor, image_size: torch.Tensor):
         m = self.model

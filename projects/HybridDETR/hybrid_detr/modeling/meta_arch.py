@@ -6,7 +6,7 @@ images -> backbone -> neck -> deformable encoder -> queries (learned or two-stag
 The host knows the modes only through the contract in `modes.py`: the decoder mode builds each
 decoder layer's cross-attention and the training branches.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -151,9 +151,10 @@ class HybridDETR(nn.Module):
         features = self.backbone(images)
         return self.neck([features[f] for f in self.in_features], padding_mask)
 
-    def encode_levels(self, maps, masks, positions) -> EncoderMemory:
-        """The deformable encoder over the neck's levels, laid out as one token sequence."""
-        layout = LevelLayout.of_maps(maps)
+    def encode_levels(self, maps, masks, positions, layout: Optional[LevelLayout] = None) -> EncoderMemory:
+        """The deformable encoder over the neck's levels, laid out as one token sequence (`layout`:
+        the maps' own by default)."""
+        layout = layout if layout is not None else LevelLayout.of_maps(maps)
         ratios = valid_ratios(masks)
         src = layout.flatten(maps)
         pos = layout.flatten([p + self.level_embed[level][:, None, None] for level, p in enumerate(positions)])

@@ -21,10 +21,16 @@ class LevelLayout:
     level_start_index: torch.Tensor  # (L,) int64 on the device: first token of each level
 
     @classmethod
-    def of_maps(cls, maps: Sequence[torch.Tensor]) -> "LevelLayout":
-        """The layout of per-level maps (N, C, H, W); the shapes come from the maps' sizes."""
-        shapes = tuple((int(m.shape[-2]), int(m.shape[-1])) for m in maps)
-        return cls.of_shapes(shapes, maps[0].device)
+    def of_maps(cls, maps: Sequence[torch.Tensor], symbolic: bool = False) -> "LevelLayout":
+        """The layout of per-level maps (N, C, H, W); the shapes come from the maps' sizes. With
+        `symbolic`, the shapes are kept as the maps' sizes (not Python ints), so that they stay
+        symbolic under `torch.export` (equal to the default in eager mode)."""
+        if not symbolic:
+            return cls.of_shapes(tuple((int(m.shape[-2]), int(m.shape[-1])) for m in maps), maps[0].device)
+        shapes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
+        spatial_shapes = torch.tensor([list(s) for s in shapes], dtype=torch.int64, device=maps[0].device)
+        areas = spatial_shapes.prod(1)
+        return cls(shapes, spatial_shapes, torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1])))
 
     @classmethod
     def of_shapes(cls, shapes: Sequence[Tuple[int, int]], device=None) -> "LevelLayout":
