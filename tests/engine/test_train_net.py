@@ -119,6 +119,26 @@ def test_full_model_gradient_clipping_clips_the_total_norm(tiny):
     assert torch.linalg.vector_norm(model.a.grad).item() == pytest.approx(0.1, rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ADAMW", "SGD"])
+def test_fused_optimizer_takes_the_same_clipped_steps(tiny, name):
+    """SOLVER.FUSED_OPTIMIZER: the fused kernel, the same updates (full-model clipping included)."""
+    weights = []
+    for fused in (False, True):
+        cfg = tiny_cfg(tiny, "SOLVER.OPTIMIZER", name, "SOLVER.FUSED_OPTIMIZER", fused)
+        model = torch.nn.Linear(5, 3)
+        torch.nn.init.constant_(model.weight, 0.3)
+        torch.nn.init.constant_(model.bias, -0.2)
+        optimizer = build_optimizer(cfg, model)
+        assert optimizer.defaults.get("fused") is (True if fused else None)
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.linspace(-1, 1, 10).view(2, 5) * (step + 1)).pow(2).sum().backward()
+            optimizer.step()
+        weights.append(torch.cat([model.weight.flatten(), model.bias]).detach())
+    assert not torch.equal(weights[0][:15], torch.full((15,), 0.3))  # the steps moved the weights
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-7)
+
+
 def test_unknown_optimizer_is_named(tiny):
     cfg = tiny_cfg(tiny, "SOLVER.OPTIMIZER", "ADAMX")
     with pytest.raises(ValueError, match="ADAMX"):

@@ -82,6 +82,10 @@ def _add_solver_and_input_config(cfg):
     # "float16" (CUDA only) or "bfloat16" (engine/mixed_precision.py).
     cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Ours, off by default (the official code steps torch's per-tensor loop): the optimizer's fused
+    # kernel (one pass over all parameters; CPU and CUDA), the same update up to float rounding and
+    # about 3.5x faster on the CPU for the quickstart model (MODEL_ZOO.md).
+    cfg.SOLVER.FUSED_OPTIMIZER = False
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Deformable DETR trains the offset and reference-point projections at lr * 0.1 too.
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1

@@ -80,7 +80,8 @@ def maybe_add_full_model_gradient_clipping(cfg, optimizer_type):
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (SOLVER.OPTIMIZER "ADAMW", the default) or SGD over `get_param_groups`."""
+    """AdamW (SOLVER.OPTIMIZER "ADAMW", the default) or SGD over `get_param_groups`; their fused
+    kernels with SOLVER.FUSED_OPTIMIZER."""
     solver = cfg.SOLVER
     groups = get_param_groups(
         model,
@@ -100,5 +101,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer_type, kwargs = torch.optim.SGD, {"momentum": solver.MOMENTUM, "nesterov": solver.NESTEROV}
     else:
         raise ValueError(f"Unknown SOLVER.OPTIMIZER {solver.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
+    if solver.FUSED_OPTIMIZER:
+        kwargs["fused"] = True
     optimizer_type = maybe_add_full_model_gradient_clipping(cfg, optimizer_type)
     return optimizer_type(groups, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY, **kwargs)
