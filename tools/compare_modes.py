@@ -22,6 +22,7 @@ excluded. The comparison pairs the papers make: deformable vs dac, deformable vs
 dense vs smca, deformable vs smca with SMCA.DEFORMABLE.
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -43,6 +44,8 @@ __all__ = ["read_run", "summarize", "format_table", "plot", "main"]
 
 def run_dir(output: str, spec: str, seed: int) -> str:
     safe = spec.replace("@", "__").replace("=", "-").replace("/", "_")
+    if len(safe) > 120:  # a file name has at most 255 bytes: keep a readable head and a digest of the rest
+        safe = safe[:100] + "-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
     return os.path.join(output, safe, f"seed{seed}")
 
 
@@ -184,6 +187,15 @@ def _train(config_file, spec, seed, directory, eval_period, threads, extra_opts,
         raise RuntimeError(f"training {spec} seed {seed} failed: see {directory}/compare_modes.log")
 
 
+def _train_or_log(config_file, spec, seed, directory, eval_period, threads, extra_opts, log):
+    """`_train`, logging a failure when it happens (the pool raises it only after the runs before it)."""
+    try:
+        _train(config_file, spec, seed, directory, eval_period, threads, extra_opts, log)
+    except Exception as error:
+        log(f"{spec} seed {seed}: FAILED: {error}")
+        raise
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -218,7 +230,7 @@ def main(argv=None):
             jobs.append((spec, seed, directory))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         futures = [
-            pool.submit(_train, args.config_file, spec, seed, d, args.eval_period, args.threads, args.opts, log)
+            pool.submit(_train_or_log, args.config_file, spec, seed, d, args.eval_period, args.threads, args.opts, log)
             for spec, seed, d in jobs
         ]
         for future in futures:

@@ -1,5 +1,6 @@
 """tools/compare_modes.py: reading runs, mean ± std over seeds, the table and the plot."""
 import json
+import os
 
 import pytest
 
@@ -80,6 +81,15 @@ def test_report_only_trains_nothing(tmp_path, monkeypatch):
                                   "--output", str(tmp_path / "out")])
     assert [r["AP"] for r in summary["deformable"]] == [10.0] and summary["dac"] == []
     assert (tmp_path / "out" / "compare_modes.png").is_file()
+
+
+def test_long_mode_specs_get_distinct_short_folders(tmp_path):
+    spec = "co_detr" + "".join(f"@MODEL.HYBRID_DETR.CO_DETR.ROI_FC_DIM={d}" for d in range(8))
+    a, b = compare_modes.run_dir(str(tmp_path), spec, 0), compare_modes.run_dir(str(tmp_path), spec + "0", 0)
+    assert a != b and all(len(os.path.basename(os.path.dirname(d))) <= 120 for d in (a, b))
+    os.makedirs(a)  # a valid file name
+    assert compare_modes.run_dir(str(tmp_path), "dac@MODEL.HYBRID_DETR.DAC.TOPK_PER_GT=4", 1).endswith(
+        "dac__MODEL.HYBRID_DETR.DAC.TOPK_PER_GT-4/seed1")
 
 
 def test_malformed_mode_spec_is_refused_before_training(tmp_path):
