@@ -123,13 +123,20 @@ def format_table(summary: Dict[str, List[Dict]], header: str = "") -> str:
     return "\n".join(lines)
 
 
+def short_label(spec: str, width: int = 60) -> str:
+    """A legend label: the spec without the MODEL.HYBRID_DETR. prefixes, cut to `width` characters."""
+    label = spec.replace("MODEL.HYBRID_DETR.", "")
+    return label if len(label) <= width else label[: width - 3] + "..."
+
+
 def plot(summary: Dict[str, List[Dict]], path: str, title: str = ""):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows_of_legend = (len(summary) + 1) // 2
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * rows_of_legend))
     for spec, rows in summary.items():
         if not rows:
             continue
@@ -138,17 +145,19 @@ def plot(summary: Dict[str, List[Dict]], path: str, title: str = ""):
         low = [a - s for a, s in zip(ap, std)]
         high = [a + s for a, s in zip(ap, std)]
         for ax, x in zip(axes, ([r["iteration"] for r in rows], [r["train_time_s"] / 60 for r in rows])):
-            (line,) = ax.plot(x, ap, marker="o", label=f"{spec} ({rows[0]['seeds']} seed{'s' if rows[0]['seeds'] > 1 else ''})")
+            label = f"{short_label(spec)} ({rows[0]['seeds']} seed{'s' if rows[0]['seeds'] > 1 else ''})"
+            (line,) = ax.plot(x, ap, marker="o", label=label)
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("training time (min, evaluation excluded)")
     for ax in axes:
         ax.set_ylabel("box AP (mean ± std over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.subplots_adjust(bottom=0.12 + 0.05 * rows_of_legend, top=0.9, wspace=0.25)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
