@@ -40,15 +40,15 @@ def autocast_context(cfg):
 
 
 class AutocastModel(nn.Module):
-    """Runs the wrapped training model under autocast."""
+    """Runs the wrapped training model under the config's autocast (`autocast_context`)."""
 
-    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, cfg):
         super().__init__()
         self.model = model
-        self.device_type, self.dtype = device_type, dtype
+        self.cfg = cfg
 
     def forward(self, batch):
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with autocast_context(self.cfg):
             return self.model(batch)
 
 
@@ -66,4 +66,4 @@ def build_step_runner(cfg, model, data_loader, optimizer):
     dtype = amp_dtype(cfg)
     if torch.device(cfg.MODEL.DEVICE).type == "cuda":
         return _UnscalingAMPTrainer(model, data_loader, optimizer, precision=dtype)
-    return SimpleTrainer(AutocastModel(model, "cpu", dtype), data_loader, optimizer)
+    return SimpleTrainer(AutocastModel(model, cfg), data_loader, optimizer)
