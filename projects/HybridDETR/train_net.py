@@ -30,6 +30,7 @@ import hybrid_detr  # noqa: E402,F401  (registers the HybridDETR meta-architectu
 from hybrid_detr.checkpoint import HybridCheckpointer  # noqa: E402
 from hybrid_detr.config import load_config  # noqa: E402
 from hybrid_detr.data.custom import check_num_classes, register_dataset_specs  # noqa: E402
+from hybrid_detr.engine.launch import shut_down_workers  # noqa: E402
 from hybrid_detr.engine.trainer import Trainer  # noqa: E402,F401  (tests and users import it from here)
 
 logger = logging.getLogger("detectron2")
@@ -69,6 +70,12 @@ def main(args):
     return trainer.train()
 
 
+def worker_main(args):
+    results = main(args)
+    shut_down_workers()
+    return results
+
+
 def argument_parser():
     parser = default_argument_parser()
     parser.add_argument(
@@ -86,7 +93,7 @@ def invoke_main() -> None:
         args.dist_url = "auto"
     print("Command Line Args:", args)
     launch(
-        main,
+        worker_main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

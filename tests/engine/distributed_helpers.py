@@ -20,7 +20,7 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import hybrid_detr  # noqa: E402,F401
-from hybrid_detr.engine.launch import create_ddp_model  # noqa: E402
+from hybrid_detr.engine.launch import create_ddp_model, shut_down_workers  # noqa: E402
 from model_helpers import synthetic_input, tiny_cfg  # noqa: E402
 
 MODES = {
@@ -131,12 +131,14 @@ def nan_on_last_worker(out):
         message = str(e)
     with open(f"{out}.{rank}", "w") as f:
         f.write(message)
+    shut_down_workers()
 
 
 def _worker(out):
     results = one_step()
     if comm.is_main_process():
         torch.save(results, out)
+    shut_down_workers()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
 
-__all__ = ["create_ddp_model", "all_ranks_any"]
+__all__ = ["create_ddp_model", "all_ranks_any", "shut_down_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +50,17 @@ def all_ranks_any(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(value)
     return bool(value.item() > 0)
+
+
+def shut_down_workers() -> None:
+    """Ends a multi-process run cleanly: all ranks meet, then the process group is destroyed.
+
+    detectron2's `launch` leaves the group to interpreter exit, where gloo's threads can be torn
+    down while a peer still talks to them (seen as "terminate called without an active
+    exception" and SIGABRT of one worker after a run that itself succeeded). Call it at the end
+    of a worker function that returns normally; a single process does nothing.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
