@@ -47,11 +47,16 @@ MSDeformAttnSizes check_ms_deform_attn_inputs(
               "; convert it with .long()");
   TORCH_CHECK(at::isFloatingType(value.scalar_type()), op, ": value must be a floating-point tensor, got ",
               value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(), op,
-              ": sampling_locations must have the dtype of value (", value.scalar_type(), "), got ",
-              sampling_locations.scalar_type());
-  TORCH_CHECK(attention_weights.scalar_type() == value.scalar_type(), op,
-              ": attention_weights must have the dtype of value (", value.scalar_type(), "), got ",
+  // Mixed precision: a float16 / bfloat16 value (sampled in its own dtype, accumulated in float32)
+  // may come with float32 locations and weights, as autocast produces them; locations need float32
+  // precision on large levels.
+  const auto coords = sampling_locations.scalar_type();
+  const bool half_value = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(coords == value.scalar_type() || (half_value && coords == at::kFloat), op,
+              ": sampling_locations must have the dtype of value (", value.scalar_type(), ")",
+              half_value ? " or float32" : "", ", got ", coords);
+  TORCH_CHECK(attention_weights.scalar_type() == coords, op,
+              ": attention_weights must have the dtype of sampling_locations (", coords, "), got ",
               attention_weights.scalar_type());
 
   // Devices.

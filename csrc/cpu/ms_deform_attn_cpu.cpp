@@ -65,16 +65,17 @@ cpu::Problem to_problem(const MSDeformAttnSizes& s) {
   return cpu::Problem{s.N, s.S, s.M, s.D, s.Lq, s.L, s.P, s.H.data(), s.W.data(), s.start.data()};
 }
 
-// Kernel element type; half is computed in float (the Python wrapper sends it to the reference).
-cpu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::Float;
-    case at::kDouble: return cpu::DType::Double;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    default: break;
+// Kernel element types from the value's and the coordinates' dtypes (validated before: equal, or
+// float32 coordinates for a half-type value); half is computed in float by the callers below.
+int kernel_dtype(at::ScalarType value, at::ScalarType coords) {
+  cpu::DType t = cpu::DType::Float;
+  switch (value) {
+    case at::kFloat: t = cpu::DType::Float; break;
+    case at::kDouble: t = cpu::DType::Double; break;
+    case at::kBFloat16: t = coords == at::kBFloat16 ? cpu::DType::BFloat16 : cpu::DType::BFloat16Mixed; break;
+    default: TORCH_CHECK(false, "ms_deform_attn: no CPU kernel for ", value);
   }
-  TORCH_CHECK(false, "ms_deform_attn: no CPU kernel for ", t);
-  return cpu::DType::Float;
+  return static_cast<int>(t);
 }
 
 at::Tensor ms_deform_attn_forward_cpu(
@@ -86,7 +87,7 @@ at::Tensor ms_deform_attn_forward_cpu(
   const auto s = check_ms_deform_attn_inputs("ms_deform_attn", value, spatial_shapes, level_start_index,
                                              sampling_locations, attention_weights);
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn: CPU kernel called with ", value.device(), " tensors");
-  if (value.scalar_type() == at::kHalf) {
+  if (value.scalar_type() == at::kHalf) {  // no half kernel: computed in float32
     return ms_deform_attn_forward_cpu(value.to(at::kFloat), spatial_shapes, level_start_index,
                                       sampling_locations.to(at::kFloat), attention_weights.to(at::kFloat))
         .to(at::kHalf);
@@ -99,7 +100,7 @@ at::Tensor ms_deform_attn_forward_cpu(
   const auto loc = sampling_locations.contiguous();
   const auto attn = attention_weights.contiguous();
   const auto zeros = at::zeros({s.D}, value.options());
-  const auto fn = select_kernels().forward[static_cast<int>(kernel_dtype(value.scalar_type()))];
+  const auto fn = select_kernels().forward[kernel_dtype(value.scalar_type(), loc.scalar_type())];
   const auto p = to_problem(s);
   const int64_t work_per_row = std::max<int64_t>(1, s.M * s.L * s.P * s.D);
   const int64_t chunk = std::max<int64_t>(1, 131072 / work_per_row);  // 32 rows at the encoder's sizes
@@ -125,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     auto g = ms_deform_attn_backward_cpu(grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes,
                                          level_start_index, sampling_locations.to(at::kFloat),
                                          attention_weights.to(at::kFloat));
-    return {std::get<0>(g).to(at::kHalf), std::get<1>(g).to(at::kHalf), std::get<2>(g).to(at::kHalf)};
+    return {std::get<0>(g).to(at::kHalf), std::get<1>(g).to(sampling_locations.scalar_type()),
+            std::get<2>(g).to(attention_weights.scalar_type())};
   }
   // The kernel writes every element of grad_loc and grad_attn, and of grad_value for bfloat16
   // (from a per-task float accumulator: no float32 copy of it); float and double accumulate in
@@ -143,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const auto loc = sampling_locations.contiguous();
     const auto attn = attention_weights.contiguous();
     const auto zeros = at::zeros({s.D}, value.options());
-    const auto fn = select_kernels().backward[static_cast<int>(kernel_dtype(value.scalar_type()))];
+    const auto fn = select_kernels().backward[kernel_dtype(value.scalar_type(), loc.scalar_type())];
     const auto p = to_problem(s);
     // One task is a whole (n, m, level) slice.
     parallel_chunks(s.N * s.M * s.L, 1, [&](int64_t begin, int64_t end) {

@@ -17,7 +17,10 @@ struct Problem {
 
 // Element types of the kernels. bfloat16 is passed as its bits (uint16_t) and accumulates in
 // float; grad_value is always accumulated in the accumulation type (float for bfloat16).
-enum class DType { Float, Double, BFloat16 };
+// BFloat16Mixed: value, output and their gradients in bfloat16, sampling locations, attention
+// weights and their gradients in float32 (what autocast hands the op).
+enum class DType { Float, Double, BFloat16, BFloat16Mixed };
+constexpr int kNumDTypes = 4;
 
 // Forward over the output rows nq in [begin, end) of N * Lq. `zeros` points to D zeros of the
 // element type (the value row of corners outside a level).
@@ -34,8 +37,8 @@ using BackwardFn = void (*)(const Problem& p, const void* grad_out, const void* 
 
 struct Kernels {
   const char* isa;
-  ForwardFn forward[3];    // by DType
-  BackwardFn backward[3];  // by DType
+  ForwardFn forward[kNumDTypes];    // by DType
+  BackwardFn backward[kNumDTypes];  // by DType
 };
 
 namespace baseline {

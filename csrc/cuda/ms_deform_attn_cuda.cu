@@ -1,5 +1,5 @@
 // CUDA kernels of hybrid_detr::ms_deform_attn and its backward (float32/64, float16, bfloat16;
-// half types accumulate in float32). The per-sample arithmetic (pixel coordinate, bilinear
+// half types accumulate in float32, and take float32 locations and weights as autocast gives them). The per-sample arithmetic (pixel coordinate, bilinear
 // corners and weights, the gradients of a sample) is ms_deform_attn_bilinear.h, the code the CPU
 // kernels and tests run; this file holds only thread-index decoding, loops and accumulation.
 //
@@ -66,14 +66,16 @@ __device__ __forceinline__ int64_t warp_stride() {
   return int64_t(gridDim.x) * kWarpsPerBlock;
 }
 
-template <typename scalar_t>
+// scalar_t: value, output and their gradients; coord_t: sampling locations, attention weights and
+// their gradients (scalar_t, or float32 for a half-type value).
+template <typename scalar_t, typename coord_t>
 __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
     const Sizes s,
     const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
     const scalar_t* __restrict__ value,
-    const scalar_t* __restrict__ loc,
-    const scalar_t* __restrict__ attn,
+    const coord_t* __restrict__ loc,
+    const coord_t* __restrict__ attn,
     scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Lane t(s.lanes);
@@ -119,18 +121,18 @@ __global__ void __launch_bounds__(kThreads) ms_deform_attn_forward_kernel(
 
 // Gradients of the sampling locations and attention weights (each point written once), and, when
 // kValueGrad, grad_value by atomics.
-template <typename scalar_t, bool kValueGrad>
+template <typename scalar_t, typename coord_t, bool kValueGrad>
 __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) ms_deform_attn_backward_kernel(
     const Sizes s,
     const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
     const scalar_t* __restrict__ grad_out,
     const scalar_t* __restrict__ value,
-    const scalar_t* __restrict__ loc,
-    const scalar_t* __restrict__ attn,
+    const coord_t* __restrict__ loc,
+    const coord_t* __restrict__ attn,
     at::opmath_type<scalar_t>* __restrict__ grad_value,
-    scalar_t* __restrict__ grad_loc,
-    scalar_t* __restrict__ grad_attn) {
+    coord_t* __restrict__ grad_loc,
+    coord_t* __restrict__ grad_attn) {
   using acc_t = at::opmath_type<scalar_t>;
   const Lane t(s.lanes);
   const int64_t rows = s.N * s.Lq * s.M;
@@ -183,9 +185,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) ms_deform_attn_b
           if (valid) {
             sample_grads_finish(g, a, H, W, gx, gy);
           }
-          grad_attn[i] = static_cast<scalar_t>(g.attn);
-          grad_loc[2 * i] = static_cast<scalar_t>(gx);
-          grad_loc[2 * i + 1] = static_cast<scalar_t>(gy);
+          grad_attn[i] = static_cast<coord_t>(g.attn);
+          grad_loc[2 * i] = static_cast<coord_t>(gx);
+          grad_loc[2 * i + 1] = static_cast<coord_t>(gy);
         }
       }
     }
@@ -195,15 +197,15 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks) ms_deform_attn_b
 // Deterministic grad_value: a task (chunk, n, m, level) adds the samples of queries
 // [chunk * Lq / chunks, (chunk + 1) * Lq / chunks) into partial[chunk] (slice n, level, m, :),
 // in query order, one thread per channel: no two threads touch the same element.
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 __global__ void __launch_bounds__(kThreads) ms_deform_attn_value_grad_slices_kernel(
     const Sizes s,
     const int64_t chunks,
     const int64_t* __restrict__ spatial_shapes,
     const int64_t* __restrict__ level_start_index,
     const scalar_t* __restrict__ grad_out,
-    const scalar_t* __restrict__ loc,
-    const scalar_t* __restrict__ attn,
+    const coord_t* __restrict__ loc,
+    const coord_t* __restrict__ attn,
     at::opmath_type<scalar_t>* __restrict__ partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const Lane t(s.lanes);
@@ -282,6 +284,83 @@ int64_t value_grad_chunks(const Sizes& s, int64_t numel, size_t acc_size) {
   return std::max<int64_t>(1, std::min({want, s.Lq, int64_t(64), by_memory}));
 }
 
+// The tensors of one call, contiguous, and the stream.
+struct Launch {
+  Sizes sz;
+  at::Tensor shapes, starts, grad_out, value, loc, attn;
+  cudaStream_t stream;
+};
+
+template <typename scalar_t, typename coord_t>
+void launch_forward(const Launch& a, at::Tensor& out) {
+  const int64_t rows = a.sz.N * a.sz.Lq * a.sz.M;
+  ms_deform_attn_forward_kernel<scalar_t, coord_t><<<num_blocks(rows, a.sz.lanes), kThreads, 0, a.stream>>>(
+      a.sz, a.shapes.const_data_ptr<int64_t>(), a.starts.const_data_ptr<int64_t>(),
+      a.value.const_data_ptr<scalar_t>(), a.loc.const_data_ptr<coord_t>(), a.attn.const_data_ptr<coord_t>(),
+      out.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Returns grad_value in the accumulation type; writes grad_loc and grad_attn.
+template <typename scalar_t, typename coord_t>
+at::Tensor launch_backward(const Launch& a, bool deterministic, at::Tensor& grad_loc, at::Tensor& grad_attn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::TensorOptions acc_options = a.value.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t rows = a.sz.N * a.sz.Lq * a.sz.M;
+  const int64_t* shapes = a.shapes.const_data_ptr<int64_t>();
+  const int64_t* starts = a.starts.const_data_ptr<int64_t>();
+  const scalar_t* go = a.grad_out.const_data_ptr<scalar_t>();
+  const coord_t* loc = a.loc.const_data_ptr<coord_t>();
+  const coord_t* attn = a.attn.const_data_ptr<coord_t>();
+  if (!deterministic) {
+    at::Tensor grad_value = at::zeros(a.value.sizes(), acc_options);
+    ms_deform_attn_backward_kernel<scalar_t, coord_t, true><<<num_blocks(rows, a.sz.lanes), kThreads, 0, a.stream>>>(
+        a.sz, shapes, starts, go, a.value.const_data_ptr<scalar_t>(), loc, attn, grad_value.mutable_data_ptr<acc_t>(),
+        grad_loc.mutable_data_ptr<coord_t>(), grad_attn.mutable_data_ptr<coord_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return grad_value;
+  }
+  ms_deform_attn_backward_kernel<scalar_t, coord_t, false><<<num_blocks(rows, a.sz.lanes), kThreads, 0, a.stream>>>(
+      a.sz, shapes, starts, go, a.value.const_data_ptr<scalar_t>(), loc, attn, nullptr,
+      grad_loc.mutable_data_ptr<coord_t>(), grad_attn.mutable_data_ptr<coord_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t numel = a.value.numel();
+  const int64_t chunks = value_grad_chunks(a.sz, numel, sizeof(acc_t));
+  at::Tensor partial = at::zeros({chunks, numel}, acc_options);
+  ms_deform_attn_value_grad_slices_kernel<scalar_t, coord_t>
+      <<<num_blocks(chunks * a.sz.N * a.sz.M * a.sz.L, a.sz.lanes), kThreads, 0, a.stream>>>(
+          a.sz, chunks, shapes, starts, go, loc, attn, partial.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (chunks == 1) {
+    return partial.view(a.value.sizes());
+  }
+  at::Tensor grad_value = at::empty(a.value.sizes(), acc_options);
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks);
+  sum_chunks_kernel<acc_t><<<blocks, kThreads, 0, a.stream>>>(partial.const_data_ptr<acc_t>(), chunks, numel,
+                                                               grad_value.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_value;
+}
+
+Launch make_launch(const MSDeformAttnSizes& s, const at::Tensor& grad_output, const at::Tensor& value,
+                   const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  return Launch{to_sizes(s),
+                spatial_shapes.contiguous(),
+                level_start_index.contiguous(),
+                grad_output.defined() ? grad_output.contiguous() : grad_output,
+                value.contiguous(),
+                sampling_locations.contiguous(),
+                attention_weights.contiguous(),
+                c10::cuda::getCurrentCUDAStream()};
+}
+
+// Locations and weights in the value's dtype, or float32 with a half-type value (validated by
+// check_ms_deform_attn_inputs).
+bool same_coords(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return sampling_locations.scalar_type() == value.scalar_type();
+}
+
 at::Tensor ms_deform_attn_forward_cuda(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
@@ -296,18 +375,15 @@ at::Tensor ms_deform_attn_forward_cuda(
   if (out.numel() == 0) {
     return out;
   }
-  const auto v = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Sizes sz = to_sizes(s);
+  const Launch a = make_launch(s, at::Tensor(), value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights);
+  const bool same = same_coords(value, sampling_locations);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-    ms_deform_attn_forward_kernel<scalar_t><<<num_blocks(s.N * s.Lq * s.M, sz.lanes), kThreads, 0, stream>>>(
-        sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), v.const_data_ptr<scalar_t>(),
-        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (same) {
+      launch_forward<scalar_t, scalar_t>(a, out);
+    } else {
+      launch_forward<scalar_t, at::opmath_type<scalar_t>>(a, out);
+    }
   });
   return out;
 }
@@ -323,7 +399,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                                              sampling_locations, attention_weights, grad_output);
   TORCH_CHECK(value.is_cuda(), "_ms_deform_attn_backward: CUDA kernel called with ", value.device(), " tensors");
   const c10::cuda::CUDAGuard guard(value.device());
-  const auto acc_type = at::toOpMathType(value.scalar_type());
   const bool work = s.N * s.Lq * s.M * s.L * s.P != 0 && value.numel() != 0;
   // Alerts (torch.use_deterministic_algorithms) when the atomic path is taken.
   const bool deterministic = work && cuda_backward_deterministic();
@@ -332,57 +407,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                        : at::zeros(sampling_locations.sizes(), sampling_locations.options());
   auto grad_attn = work ? at::empty(attention_weights.sizes(), attention_weights.options())
                         : at::zeros(attention_weights.sizes(), attention_weights.options());
-  at::Tensor grad_value;
-  if (work) {
-    const auto go = grad_output.contiguous();
-    const auto v = value.contiguous();
-    const auto loc = sampling_locations.contiguous();
-    const auto attn = attention_weights.contiguous();
-    const auto shapes = spatial_shapes.contiguous();
-    const auto starts = level_start_index.contiguous();
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const Sizes sz = to_sizes(s);
-    const int64_t rows = s.N * s.Lq * s.M;
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          if (!deterministic) {
-            grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
-            ms_deform_attn_backward_kernel<scalar_t, true><<<num_blocks(rows, sz.lanes), kThreads, 0, stream>>>(
-                sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                go.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(),
-                attn.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<acc_t>(),
-                grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            return;
-          }
-          ms_deform_attn_backward_kernel<scalar_t, false><<<num_blocks(rows, sz.lanes), kThreads, 0, stream>>>(
-              sz, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), go.const_data_ptr<scalar_t>(),
-              v.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-              nullptr, grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const int64_t numel = value.numel();
-          const int64_t chunks = value_grad_chunks(sz, numel, sizeof(acc_t));
-          auto partial = at::zeros({chunks, numel}, value.options().dtype(acc_type));
-          ms_deform_attn_value_grad_slices_kernel<scalar_t>
-              <<<num_blocks(chunks * s.N * s.M * s.L, sz.lanes), kThreads, 0, stream>>>(
-                  sz, chunks, shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                  go.const_data_ptr<scalar_t>(), loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
-                  partial.mutable_data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (chunks == 1) {
-            grad_value = partial.view(value.sizes());
-            return;
-          }
-          grad_value = at::empty(value.sizes(), value.options().dtype(acc_type));
-          const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks);
-          sum_chunks_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(), chunks, numel,
-                                                                   grad_value.mutable_data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-  } else {
-    grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  if (!work) {
+    return {at::zeros(value.sizes(), value.options()), grad_loc, grad_attn};
   }
+  const Launch a = make_launch(s, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights);
+  const bool same = same_coords(value, sampling_locations);
+  at::Tensor grad_value;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+    grad_value = same ? launch_backward<scalar_t, scalar_t>(a, deterministic, grad_loc, grad_attn)
+                      : launch_backward<scalar_t, at::opmath_type<scalar_t>>(a, deterministic, grad_loc, grad_attn);
+  });
   if (grad_value.scalar_type() != value.scalar_type()) {
     grad_value = grad_value.to(value.scalar_type());
   }

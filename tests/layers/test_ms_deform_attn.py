@@ -83,6 +83,37 @@ def test_backward_matches_reference_float32_and_bfloat16():
             torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * 10)
 
 
+def test_bfloat16_value_with_float32_coordinates():
+    """Autocast's mix (bfloat16 value, float32 locations and weights): the value is sampled as
+    bfloat16 and accumulated in float32, so the result is the float32 op on the rounded value,
+    rounded once; locations and weights keep float32 and so do their gradients."""
+    v, ss, lsi, loc, attn = make_inputs(2, 11, 4, 32, [(8, 8), (4, 4), (2, 2)], 4, dtype=torch.float32)
+    grad = torch.randn(2, 11, 128)
+    v16, g16 = v.bfloat16(), grad.bfloat16()
+    ins = [v16.clone().requires_grad_(), loc.clone().requires_grad_(), attn.clone().requires_grad_()]
+    out = op(ins[0], ss, lsi, ins[1], ins[2])
+    grads = torch.autograd.grad(out, ins, g16)
+    ref_ins = [v16.float().requires_grad_(), loc.clone().requires_grad_(), attn.clone().requires_grad_()]
+    ref = op(ref_ins[0], ss, lsi, ref_ins[1], ref_ins[2])
+    ref_grads = torch.autograd.grad(ref, ref_ins, g16.float())
+    assert out.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)  # one rounding of the same sum
+    torch.testing.assert_close(grads[0], ref_grads[0].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-5, atol=1e-5)
+    # All-bfloat16 locations move the samples: measurably further from the float32 result.
+    all16 = op(v16, ss, lsi, loc.bfloat16(), attn.bfloat16())
+    assert (all16.float() - ref).abs().max() > (out.float() - ref).abs().max()
+
+
+def test_reference_takes_the_mixed_dtypes():
+    v, ss, lsi, loc, attn = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    out = ms_deform_attn_reference(v.bfloat16(), ss, loc, attn)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ms_deform_attn_reference(v.bfloat16().float(), ss, loc, attn).bfloat16())
+
+
 def test_gradcheck_float64():
     v, ss, lsi, loc, attn = make_inputs(2, 3, 2, 5, [(4, 3), (2, 2)], 2, requires_grad=True)
     # Keep locations away from pixel borders, where bilinear interpolation is not differentiable.
@@ -169,8 +200,13 @@ BAD_INPUTS = [
     (dict(spatial_shapes=lambda t: t * 2, level_start_index=torch.tensor([0, 48])),
      r"sum over levels of H\*W from spatial_shapes is 64 but value has S = 16"),
     (dict(value=lambda t: t[:, :, :1]), r"does not match value"),
-    (dict(sampling_locations=lambda t: t.double()), r"sampling_locations must have the dtype of value"),
-    (dict(attention_weights=lambda t: t.double()), r"attention_weights must have the dtype of value"),
+    (dict(sampling_locations=lambda t: t.double()), r"sampling_locations must have the dtype of value \(Float\), "
+                                                     r"got Double"),
+    (dict(value=lambda t: t.bfloat16(), sampling_locations=lambda t: t.double(), attention_weights=lambda t: t.double()),
+     r"sampling_locations must have the dtype of value \(BFloat16\) or float32, got Double"),
+    (dict(value=lambda t: t.bfloat16(), attention_weights=lambda t: t.bfloat16()),
+     r"attention_weights must have the dtype of sampling_locations \(Float\), got BFloat16"),
+    (dict(attention_weights=lambda t: t.double()), r"attention_weights must have the dtype of sampling_locations"),
     (dict(value=lambda t: t.long(), sampling_locations=lambda t: t.long(), attention_weights=lambda t: t.long()),
      r"value must be a floating-point tensor"),
 ]
@@ -309,12 +345,32 @@ def test_flop_count_handle():
     assert by_op["ms_deform_attn"] == 2 * 7 * 4 * 2 * 3 * 8 * 5  # fvcore drops the namespace
 
 
-def test_module_mixed_dtypes_are_promoted():
-    m = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_module_under_autocast_samples_bfloat16_values_at_float32_locations(monkeypatch, use_reference):
+    import importlib
+
+    module = importlib.import_module("hybrid_detr.layers.ms_deform_attn")  # the package exports a function of that name
+    seen = {}
+    name = "ms_deform_attn_reference" if use_reference else "ms_deform_attn"
+    original = getattr(module, name)
+
+    def record(value, *args):
+        seen.update(value=value.dtype, locations=args[-2].dtype, weights=args[-1].dtype)
+        return original(value, *args)
+
+    monkeypatch.setattr(module, name, record)
+    m = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2, use_reference=use_reference)
     q, ref, value, ss, lsi, _ = _module_inputs(1, 5, 16, [(4, 4), (2, 2)], 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(q, ref, value, ss, lsi)
+    assert seen == {"value": torch.bfloat16, "locations": torch.float32, "weights": torch.float32}
     assert out.shape == (1, 5, 16) and torch.isfinite(out).all()
+    # Outside autocast everything is float32; float64 locations promote the value.
+    m(q, ref, value, ss, lsi)
+    assert seen == {"value": torch.float32, "locations": torch.float32, "weights": torch.float32}
+    m.sample(value.view(1, 20, 2, 8), ss, lsi, torch.rand(1, 5, 2, 2, 2, 2, dtype=torch.float64),
+             torch.rand(1, 5, 2, 2, 2))
+    assert seen == {"value": torch.float64, "locations": torch.float64, "weights": torch.float64}
 
 
 # -- CPU kernel variants (baseline / AVX2 / AVX-512), chosen at run time ----------------------------
@@ -335,14 +391,18 @@ op = torch.ops.hybrid_detr.ms_deform_attn
 for D in (1, 7, 16, 32, 40, 71):
     args = make_inputs(2, 9, 2, D, [(6, 7), (3, 4), (1, 2)], 3, spread=0.2)
     grad = torch.randn(2, 9, 2 * D, dtype=torch.float64)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
-        ref_in = [t.detach().to(dtype).double().requires_grad_() for t in (args[0], args[3], args[4])]
+    # (value dtype, locations / weights dtype, tolerance); the last is autocast's mix
+    for dtype, coords, tol in ((torch.float64, torch.float64, 1e-12), (torch.float32, torch.float32, 1e-4),
+                               (torch.bfloat16, torch.bfloat16, 5e-2), (torch.bfloat16, torch.float32, 5e-2)):
+        types = (dtype, coords, coords)
+        ref_in = [t.detach().to(d).double().requires_grad_() for t, d in zip((args[0], args[3], args[4]), types)]
         ref = ms_deform_attn_reference(ref_in[0], args[1], ref_in[1], ref_in[2])
         ref_grads = torch.autograd.grad(ref, ref_in, grad.to(dtype).double())
-        ins = [t.detach().to(dtype).requires_grad_() for t in (args[0], args[3], args[4])]
+        ins = [t.detach().to(d).requires_grad_() for t, d in zip((args[0], args[3], args[4]), types)]
         out = op(ins[0], args[1], args[2], ins[1], ins[2])
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
         grads = torch.autograd.grad(out, ins, grad.to(dtype))
+        assert [g.dtype for g in grads] == list(types)
         for g, r in zip(grads, ref_grads):
             scale = max(1.0, r.abs().max().item())
             torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale)

@@ -80,6 +80,33 @@ def test_backward_matches_reference(N, Lq, M, D, shapes, P, dtype):
         torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale, msg=name)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,Lq,M,D,shapes,P", SHAPE_CASES[1:5])
+def test_half_value_with_float32_coordinates(N, Lq, M, D, shapes, P, dtype, deterministic):
+    """Autocast's mix: half-type value, float32 locations and weights (and their gradients)."""
+    args = make_inputs(N, Lq, M, D, shapes, P, dtype=torch.float64, device=DEV)
+    grad = torch.randn(N, Lq, M * D, dtype=torch.float64, device=DEV)
+    v, ss, lsi, loc, attn = args
+    types = (dtype, torch.float32, torch.float32)
+    ref_in = [t.detach().to(d).double().requires_grad_() for t, d in zip((v, loc, attn), types)]
+    ref = ms_deform_attn_reference(ref_in[0], ss, ref_in[1], ref_in[2])
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.to(dtype).double())
+    ins = [t.detach().to(d).requires_grad_() for t, d in zip((v, loc, attn), types)]
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        out = op(ins[0], ss, lsi, ins[1], ins[2])
+        grads = torch.autograd.grad(out, ins, grad.to(dtype))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert out.dtype == dtype and [g.dtype for g in grads] == list(types)
+    torch.testing.assert_close(out.double(), ref, rtol=TOLS[dtype][0], atol=TOLS[dtype][0])
+    tol = TOLS[dtype][1]
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
+
+
 def test_cpu_and_cuda_agree_float32():
     args = make_inputs(2, 50, 8, 32, [(20, 30), (10, 15), (5, 8), (3, 4)], 4, dtype=torch.float32,
                        requires_grad=True)

@@ -202,13 +202,15 @@ inline void forward_channels(const Entry<scalar_t, acc_t>* e, int64_t count, int
   }
 }
 
-template <typename scalar_t>
+// scalar_t: value and output; coord_t: sampling locations and attention weights (scalar_t, or
+// float for a bfloat16 value under autocast).
+template <typename scalar_t, typename coord_t>
 void forward(const Problem& p, const void* value_, const void* loc_, const void* attn_, void* out_,
              const void* zeros_, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto* value = static_cast<const scalar_t*>(value_);
-  const auto* loc = static_cast<const scalar_t*>(loc_);
-  const auto* attn = static_cast<const scalar_t*>(attn_);
+  const auto* loc = static_cast<const coord_t*>(loc_);
+  const auto* attn = static_cast<const coord_t*>(attn_);
   const auto* zeros = static_cast<const scalar_t*>(zeros_);
   auto* out = static_cast<scalar_t*>(out_);
   const int64_t M = p.M, D = p.D, L = p.L, P = p.P, LP = L * P;
@@ -318,7 +320,7 @@ inline SampleGrads<acc_t> backward_channels(const Bilinear<acc_t>& b, const acc_
                             lane_sum(lanes.y) + tail.y};
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void backward(const Problem& p, const void* grad_out_, const void* value_, const void* loc_, const void* attn_,
               void* grad_value_, void* grad_loc_, void* grad_attn_, const void* zeros_, int64_t begin,
               int64_t end) {
@@ -326,12 +328,12 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
   constexpr int VW = Vec<acc_t>::lanes;
   const auto* grad_out = static_cast<const scalar_t*>(grad_out_);
   const auto* value = static_cast<const scalar_t*>(value_);
-  const auto* loc = static_cast<const scalar_t*>(loc_);
-  const auto* attn = static_cast<const scalar_t*>(attn_);
+  const auto* loc = static_cast<const coord_t*>(loc_);
+  const auto* attn = static_cast<const coord_t*>(attn_);
   const auto* zeros = static_cast<const scalar_t*>(zeros_);
   auto* grad_value = static_cast<scalar_t*>(grad_value_);
-  auto* grad_loc = static_cast<scalar_t*>(grad_loc_);
-  auto* grad_attn = static_cast<scalar_t*>(grad_attn_);
+  auto* grad_loc = static_cast<coord_t*>(grad_loc_);
+  auto* grad_attn = static_cast<coord_t*>(grad_attn_);
   const int64_t M = p.M, D = p.D, L = p.L, P = p.P, Lq = p.Lq;
   const int64_t row = M * D;
   int64_t max_keys = 1;
@@ -346,7 +348,7 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
   acc_t* slice = new acc_t[(kInPlace ? 0 : max_keys * D) + 4 * D];
   acc_t* sink = slice + (kInPlace ? 0 : max_keys * D);  // the gradient of corners outside the level
   acc_t* go = new acc_t[D > 0 ? D : 1];
-  const scalar_t zero = from_acc<scalar_t>(acc_t(0));
+  const coord_t zero = from_acc<coord_t>(acc_t(0));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t l = task % L;
     const int64_t m = (task / L) % M;
@@ -392,9 +394,9 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
         const SampleGrads<acc_t> sg = backward_channels(b, go, v, g, k, D);
         acc_t gx, gy;
         sample_grads_finish(sg, a, H, W, gx, gy);
-        grad_attn[i] = from_acc<scalar_t>(sg.attn);
-        grad_loc[2 * i] = from_acc<scalar_t>(gx);
-        grad_loc[2 * i + 1] = from_acc<scalar_t>(gy);
+        grad_attn[i] = from_acc<coord_t>(sg.attn);
+        grad_loc[2 * i] = from_acc<coord_t>(gx);
+        grad_loc[2 * i + 1] = from_acc<coord_t>(gy);
       }
     }
     for (int64_t key = 0; !kInPlace && key < H * W; ++key) {
@@ -416,11 +418,11 @@ void backward(const Problem& p, const void* grad_out_, const void* value_, const
 } // namespace
 
 const Kernels& kernels() {
-  // Indexed by DType: Float, Double, BFloat16.
+  // Indexed by DType: Float, Double, BFloat16, BFloat16 value with float32 coordinates.
   static const Kernels k = {
       HYBRID_DETR_STR(HYBRID_DETR_CPU_NS),
-      {forward<float>, forward<double>, forward<BF16>},
-      {backward<float>, backward<double>, backward<BF16>},
+      {forward<float, float>, forward<double, double>, forward<BF16, BF16>, forward<BF16, float>},
+      {backward<float, float>, backward<double, double>, backward<BF16, BF16>, backward<BF16, float>},
   };
   return k;
 }

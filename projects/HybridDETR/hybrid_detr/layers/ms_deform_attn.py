@@ -108,13 +108,18 @@ class MSDeformAttn(nn.Module):
         return F.softmax(logits.reshape(N, Lq, M, L * P), dim=-1).view(N, Lq, M, L, P)
 
     def sample(self, value, spatial_shapes, level_start_index, locations, weights) -> torch.Tensor:
-        """The op (or its reference): -> (N, Lq, d_model).
+        """The op (or its reference): -> (N, Lq, d_model), in the value's dtype.
 
-        Mixed dtypes (under autocast the value is half while locations stay float32) are promoted
-        to the widest one: locations need float32 precision on large levels.
+        Under autocast the value is bfloat16 / float16 while the locations and weights are float32:
+        the op samples the value in its own dtype (accumulating in float32) and keeps locations and
+        weights in float32, which large levels need (a bfloat16 location is off by up to ~0.25 px on
+        a 128-pixel level). Otherwise all three share the widest dtype.
         """
-        dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
-        value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
+        coords = torch.promote_types(torch.promote_types(locations.dtype, weights.dtype), torch.float32)
+        if value.dtype not in (torch.float16, torch.bfloat16):
+            coords = torch.promote_types(coords, value.dtype)
+            value = value.to(coords)
+        locations, weights = locations.to(coords), weights.to(coords)
         if self.use_reference:
             return ms_deform_attn_reference(value, spatial_shapes, locations, weights)
         return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)

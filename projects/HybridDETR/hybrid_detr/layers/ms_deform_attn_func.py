@@ -115,15 +115,21 @@ def ms_deform_attn_reference(
 ) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention with `F.grid_sample` (slow, memory hungry).
 
-    `spatial_shapes` is an (L, 2) tensor or a list of (H, W) pairs.
+    `spatial_shapes` is an (L, 2) tensor or a list of (H, W) pairs. Mixed dtypes (a half-type
+    value with float32 locations and weights, as the op takes them) are computed in the widest
+    one; the output has the value's dtype, as the op's.
     """
+    out_dtype = value.dtype
+    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    value, sampling_locations, attention_weights = (
+        value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype))
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes: List[List[int]] = (
         spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else [list(s) for s in spatial_shapes]
     )
     if N * Lq * M == 0 or D == 0:
-        return value.new_zeros(N, Lq, M * D)
+        return value.new_zeros(N, Lq, M * D, dtype=out_dtype)
     grids = sampling_locations * 2 - 1  # grid_sample wants [-1, 1]
     per_level = value.split([h * w for h, w in shapes], dim=1)
     sampled = []
@@ -137,7 +143,7 @@ def ms_deform_attn_reference(
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(N * M, 1, Lq, L * P)
     out = (stacked * weights).sum(-1)  # (N*M, D, Lq)
-    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous().to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
