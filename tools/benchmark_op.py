@@ -1,6 +1,6 @@
 """Benchmark of the compiled MSDeformAttn op against the pure-PyTorch reference.
 
-    python3 tools/benchmark_op.py [--device cpu|cuda] [--dtype float32|float16|bfloat16|float64]
+    python3 tools/benchmark_op.py [--device cpu|cuda] [--dtype float32|float16|bfloat16|float64|bfloat16-autocast|...]
                                   [--configs a,b,c] [--reps 7] [--threads N]
 
 Configs (Deformable DETR, d_model 256 = M 8 x D 32, 4 levels, 4 points):
@@ -42,10 +42,20 @@ CONFIGS = {
     "c": dict(name="decoder 1800 queries", shapes=[(100, 167), (50, 84), (25, 42), (13, 21)], Lq=1800, N=2, M=8,
               D=32, P=4),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# --dtype: (value / output dtype, sampling-location / attention-weight dtype). "*-autocast" is what
+# autocast hands the op: a half-type value with float32 locations and weights.
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float64": (torch.float64, torch.float64),
+    "bfloat16-autocast": (torch.bfloat16, torch.float32),
+    "float16-autocast": (torch.float16, torch.float32),
+}
 
 
-def make_inputs(cfg, device, dtype, requires_grad, seed=0):
+def make_inputs(cfg, device, dtype_name, requires_grad, seed=0):
+    dtype, coords = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(seed)
     ss = torch.tensor(cfg["shapes"], dtype=torch.int64)
     areas = ss.prod(1)
@@ -54,8 +64,8 @@ def make_inputs(cfg, device, dtype, requires_grad, seed=0):
     Lq = cfg["Lq"] or S
     N, M, D, P, L = cfg["N"], cfg["M"], cfg["D"], cfg["P"], len(cfg["shapes"])
     value = torch.randn(N, S, M, D, generator=g).to(device, dtype)
-    loc = torch.rand(N, Lq, M, L, P, 2, generator=g).mul_(1.2).sub_(0.1).to(device, dtype)
-    attn = torch.rand(N, Lq, M, L, P, generator=g).to(device, dtype)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g).mul_(1.2).sub_(0.1).to(device, coords)
+    attn = torch.rand(N, Lq, M, L, P, generator=g).to(device, coords)
     attn /= attn.sum((-1, -2), keepdim=True)
     grad = torch.randn(N, Lq, M * D, generator=g).to(device, dtype)
     for t in (value, loc, attn):
@@ -141,7 +151,7 @@ def peak_memory_case(cfg, impl, mode, device, dtype):
             step(args, grad)
             torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    job = dict(cfg=cfg, impl=impl, mode=mode, dtype=str(dtype).split(".")[-1], threads=torch.get_num_threads())
+    job = dict(cfg=cfg, impl=impl, mode=mode, dtype=dtype, threads=torch.get_num_threads())
     res = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory_job", json.dumps(job)],
                          capture_output=True, text=True, env=os.environ.copy(), check=True)
     return int(res.stdout.strip().splitlines()[-1])
@@ -153,7 +163,7 @@ def _memory_job(spec):
     import hybrid_detr.layers  # noqa: F401  (loads the extension before the baseline)
 
     cfg = job["cfg"]
-    args, grad = make_inputs(cfg, "cpu", DTYPES[job["dtype"]], requires_grad=(job["mode"] == "fwd+bwd"))
+    args, grad = make_inputs(cfg, "cpu", job["dtype"], requires_grad=(job["mode"] == "fwd+bwd"))
     step = make_step(job["impl"], job["mode"])
     if _reset_rss_peak():
         base = _proc_status_bytes("VmRSS")
@@ -180,20 +190,22 @@ def copy_bandwidth(device, mib, reps=9):
     return 2 * src.numel() * src.element_size() / min(times)
 
 
-def traffic_bytes(cfg, mode, dtype):
+def traffic_bytes(cfg, mode, dtype_name):
     """(compulsory bytes, gathered corner bytes) of one call: see the module docstring."""
-    elt = torch.tensor([], dtype=dtype).element_size()
+    value_dtype, coords_dtype = DTYPES[dtype_name]
+    elt = torch.tensor([], dtype=value_dtype).element_size()
+    celt = torch.tensor([], dtype=coords_dtype).element_size()  # locations and weights
     acc = max(elt, 4)
     S = sum(h * w for h, w in cfg["shapes"])
     N, M, D, P, L = cfg["N"], cfg["M"], cfg["D"], cfg["P"], len(cfg["shapes"])
     Lq = cfg["Lq"] or S
     value, out, samples = N * S * M * D, N * Lq * M * D, N * Lq * M * L * P
     value_read = min(value, samples * 4 * D)
-    fwd = (value_read + 3 * samples + out) * elt
+    fwd = (value_read + out) * elt + 3 * samples * celt
     gather = samples * 4 * D * elt
     if mode == "fwd":
         return fwd, gather
-    bwd = (out + value_read + 3 * samples) * elt + value * acc + 3 * samples * elt
+    bwd = (out + value_read) * elt + 3 * samples * celt + value * acc + 3 * samples * celt
     return fwd + bwd, gather + samples * 4 * D * (elt + 2 * acc)
 
 
@@ -220,7 +232,7 @@ def main(argv=None):
                  "(or `python setup.py build_ext --inplace`)")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU available")
-    dtype = DTYPES[a.dtype]
+    dtype = a.dtype
 
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"MSDeformAttn benchmark: {dev_name}, {a.dtype}, torch {torch.__version__}")

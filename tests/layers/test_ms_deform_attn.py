@@ -107,6 +107,15 @@ def test_bfloat16_value_with_float32_coordinates():
     assert (all16.float() - ref).abs().max() > (out.float() - ref).abs().max()
 
 
+def test_float16_value_on_the_cpu_is_computed_in_float32():
+    v, ss, lsi, loc, attn = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    ins = [v.half().requires_grad_(), loc.clone().requires_grad_(), attn.clone().requires_grad_()]
+    out = op(ins[0], ss, lsi, ins[1], ins[2])
+    grads = torch.autograd.grad(out, ins, torch.ones_like(out))
+    assert out.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float16, torch.float32, torch.float32]
+    torch.testing.assert_close(out, op(v.half().float(), ss, lsi, loc, attn).half())
+
+
 def test_reference_takes_the_mixed_dtypes():
     v, ss, lsi, loc, attn = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
     out = ms_deform_attn_reference(v.bfloat16(), ss, loc, attn)
@@ -143,6 +152,9 @@ def test_opcheck():
     for requires_grad in (False, True):
         args = make_inputs(2, 5, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32, requires_grad=requires_grad)
         torch.library.opcheck(op, args)
+        # autocast's mix: bfloat16 value, float32 locations and weights
+        mixed = [args[0].detach().bfloat16().requires_grad_(requires_grad)] + list(args[1:])
+        torch.library.opcheck(op, mixed)
 
 
 def test_torch_compile_fullgraph():

@@ -5,9 +5,10 @@
 - CUDA: float16 (default) with detectron2's AMPTrainer and its GradScaler, gradients unscaled before
   the optimizer's full-model clipping (which must see true gradients), or bfloat16.
 The weights and the optimizer state stay float32. The matchers and the losses run in float32 (the
-criterion and matchers cast their inputs). Our MSDeformAttn op runs in the widest dtype of its inputs:
-the sampling locations stay float32 (a bfloat16 location is off by up to half a pixel on a 100-pixel
-level), so under autocast the op runs in float32 on bfloat16-projected values.
+criterion and matchers cast their inputs). Our MSDeformAttn op samples the autocast-dtype value
+natively (CPU: bfloat16 kernels; CUDA: float16 / bfloat16 kernels; accumulating in float32) while its
+sampling locations and attention weights stay float32 (a bfloat16 location is off by up to a quarter
+pixel on a 128-pixel level); see `MSDeformAttn.sample`.
 """
 import torch
 from torch import nn
