@@ -385,6 +385,28 @@ def test_module_under_autocast_samples_bfloat16_values_at_float32_locations(monk
     assert seen == {"value": torch.float64, "locations": torch.float64, "weights": torch.float64}
 
 
+def test_native_bfloat16_sampling_is_exact_under_autocast(monkeypatch):
+    """Under autocast the value is already bfloat16 and the output feeds a bfloat16 matmul: sampling
+    the bfloat16 value natively gives bit-identical outputs and gradients to sampling a float32
+    copy of it (what the module did before), without the float32 copies."""
+    torch.manual_seed(0)
+    m = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    q, ref, value, ss, lsi, _ = _module_inputs(2, 9, 32, [(8, 8), (4, 4)], 2)
+
+    def run():
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(q, ref, value, ss, lsi)
+        out.float().square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    native, native_grads = run()
+    monkeypatch.setattr(m, "sample", lambda v, s_, i_, loc, w: ms_deform_attn(v.float(), s_, i_, loc.float(), w.float()))
+    copied, copied_grads = run()
+    assert torch.equal(native, copied)
+    assert all(torch.equal(native_grads[k], copied_grads[k]) for k in native_grads)
+
+
 # -- CPU kernel variants (baseline / AVX2 / AVX-512), chosen at run time ----------------------------
 _VARIANT_CHECK = r"""
 import sys, torch
