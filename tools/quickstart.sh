@@ -4,7 +4,7 @@
 # first use under $DETECTRON2_DATASETS, default ./datasets), then evaluates it: the COCO AP table,
 # inference speed (images/s) and GFLOPs; last, draws the training curves and detections on a few
 # val images (PNGs, paths printed).
-#   bash tools/quickstart.sh                       # as configured (~13 min of training on 2 cores)
+#   bash tools/quickstart.sh                       # as configured (~10 min of training on 2 free cores)
 #   bash tools/quickstart.sh SOLVER.MAX_ITER 200 SOLVER.STEPS "(150,)"   # KEY VALUE pairs override the config (both steps)
 #   OUTPUT_DIR=/tmp/qs bash tools/quickstart.sh    # where checkpoints, logs and metrics go
 set -euo pipefail
