@@ -9,6 +9,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -66,6 +67,20 @@ def _cpu_isa_variants():
     return variants
 
 
+def _openmp_flags(torch):
+    """-fopenmp when torch runs its intra-op threads on OpenMP (Linux wheels) and the compiler is GCC/Clang.
+
+    at::parallel_for is a header template: compiled without -fopenmp it runs every loop on the calling
+    thread, whatever torch.set_num_threads says. Linking libgomp by its soname reuses the copy torch
+    has already loaded (one OpenMP runtime, one thread pool). HYBRID_DETR_NO_OPENMP=1 builds without.
+    """
+    if os.environ.get("HYBRID_DETR_NO_OPENMP") == "1" or sys.platform != "linux":
+        return []
+    if not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _build_ext_class():
     """torch's BuildExtension, plus the per-ISA objects of the CPU kernels (each with its own flags)."""
     from torch.utils.cpp_extension import BuildExtension
@@ -97,7 +112,8 @@ def get_extensions(cuda_home):
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     isa_variants = _cpu_isa_variants()
     define_macros = [("HYBRID_DETR_CPU_" + name.upper(), None) for name, _, _ in isa_variants if name != "baseline"]
-    extra_compile_args = {"cxx": ["-O3"]}
+    openmp = _openmp_flags(torch)
+    extra_compile_args = {"cxx": ["-O3"] + openmp}
     extension = CppExtension
     if _want_cuda(torch.version.cuda, cuda_home):
         extension = CUDAExtension
@@ -112,13 +128,15 @@ def get_extensions(cuda_home):
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
     else:
         print("hybrid_detr: building CPU kernels only")
-    print("hybrid_detr: CPU kernels for " + ", ".join(name for name, _, _ in isa_variants))
+    print("hybrid_detr: CPU kernels for " + ", ".join(name for name, _, _ in isa_variants)
+          + (", multi-threaded (OpenMP)" if openmp else ", single-threaded (no OpenMP)"))
     ext = extension(
         "hybrid_detr._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=openmp,
         depends=[CPU_ISA_SOURCE] + sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
     )
     ext.cpu_isa_variants = isa_variants

@@ -23,12 +23,18 @@ PyObject* cpu_kernel_variants(PyObject*, PyObject*) {
   return PyUnicode_FromString(hybrid_detr::cpu_kernel_variants());
 }
 
+PyObject* cpu_parallel_threads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(hybrid_detr::cpu_parallel_threads());
+}
+
 PyMethodDef methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
      "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512' (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_kernel_variants", cpu_kernel_variants, METH_NOARGS,
      "The CPU kernel variants compiled in, comma-separated, e.g. 'baseline,avx2,avx512'."},
+    {"cpu_parallel_threads", cpu_parallel_threads, METH_NOARGS,
+     "How many threads the CPU kernels' parallel loops run on now (1 in a build without OpenMP)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -163,6 +163,13 @@ const char* cpu_kernel_isa() {
   return select_kernels().isa;
 }
 
+int64_t cpu_parallel_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<int> used(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { used[at::get_thread_num() % n] = 1; });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 const char* cpu_kernel_variants() {
   return "baseline"
 #ifdef HYBRID_DETR_CPU_AVX2

@@ -461,6 +461,21 @@ def test_cpu_kernel_variants(capability):
     assert res.stdout.strip().startswith("ok")
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP: ATen runs serially")
+def test_cpu_kernels_use_torchs_threads():
+    """The kernels' at::parallel_for is a header template: without -fopenmp in our build it would run
+    every loop on one thread whatever torch.set_num_threads says (as it did before the fix)."""
+    from hybrid_detr import _C
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _C.cpu_parallel_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_is_deterministic_and_thread_independent():
     args = make_inputs(2, 30, 4, 16, [(9, 8), (5, 4), (3, 2)], 4, dtype=torch.float32, requires_grad=True)
     grad = torch.randn(2, 30, 64)
