@@ -48,10 +48,10 @@ void check_level_layout(const at::Tensor& spatial_shapes, const at::Tensor& leve
 // The CPU kernel variant in use: "baseline", "avx2" or "avx512" (cpu/ms_deform_attn_cpu.cpp).
 const char* cpu_kernel_isa();
 // The CPU kernel variants compiled in, e.g. "baseline,avx2,avx512".
+const char* cpu_kernel_variants();
 // How many threads an at::parallel_for of the CPU kernels runs on now (torch.set_num_threads); 1 when the
 // library was built without OpenMP, where ATen's header-only parallel_for runs serially.
 int64_t cpu_parallel_threads();
-const char* cpu_kernel_variants();
 
 // Whether the CUDA backward takes its deterministic path (no float atomics on grad_value): when
 // torch.use_deterministic_algorithms(True) is on, unless HYBRID_DETR_CUDA_BACKWARD=atomic forces

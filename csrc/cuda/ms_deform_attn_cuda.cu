@@ -1,5 +1,6 @@
 // CUDA kernels of hybrid_detr::ms_deform_attn and its backward (float32/64, float16, bfloat16;
-// half types accumulate in float32, and take float32 locations and weights as autocast gives them). The per-sample arithmetic (pixel coordinate, bilinear
+// half types accumulate in float32, and take float32 locations and weights as autocast gives
+// them). The per-sample arithmetic (pixel coordinate, bilinear
 // corners and weights, the gradients of a sample) is ms_deform_attn_bilinear.h, the code the CPU
 // kernels and tests run; this file holds only thread-index decoding, loops and accumulation.
 //
