@@ -10,7 +10,11 @@ query selection, decoder passes (the one-to-one pass, and the passes each traini
 each training branch (inclusive of its decoder pass), matchers, losses, backward, optimizer step.
 Parts are timed by forward hooks on the model's modules, so nothing of the model changes; nested parts
 (a branch's decoder pass) are counted in both. The share of our MSDeformAttn op (forward + backward)
-comes from torch.profiler over the same steps. Also printed: the process's peak resident memory.
+comes from torch.profiler over the same steps. Also printed: the process's peak resident memory, and
+the backbone's convolutions' share (forward + backward, torch.profiler) and how close their forward
+runs to the machine's arithmetic limit: their floating-point operations (fvcore's count of multiply-adds,
+x 2) per second of the profiler's convolution time, against a square float32 matmul timed after every step
+on the same threads (the fastest dense kernel the CPU runs, a practical ceiling).
 """
 import argparse
 import collections
@@ -76,6 +80,33 @@ def _watch_model(timer, model):
             timer.watch(matcher, f"branch {name} matcher")
 
 
+MATMUL_SIZE = 1024
+# The CPU's convolution kernels as the profiler names them (oneDNN forward, ATen's backward).
+CONV_FORWARD, CONV_BACKWARD = "aten::mkldnn_convolution", "aten::convolution_backward"
+
+
+def matmul_flops_per_s(size=MATMUL_SIZE, repeats=3):
+    """The best of `repeats` timings of one size x size float32 matmul, in FLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def backbone_conv_flops(backbone, image_shape):
+    """Floating-point operations of the convolutions of one backbone forward on a batch of `image_shape`
+    (fvcore counts a multiply-add as one)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        count = FlopCountAnalysis(backbone, torch.zeros(image_shape))
+        count.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return 2.0 * count.by_operator().get("conv", 0)
+
+
 def profile_steps(cfg, batches, warmup=1):
     """Time the parts over len(batches) - warmup training steps; returns a dict."""
     torch.manual_seed(cfg.SEED if cfg.SEED >= 0 else 0)
@@ -83,10 +114,13 @@ def profile_steps(cfg, batches, warmup=1):
     optimizer = build_optimizer(cfg, model)
     timer = PartTimer()
     _watch_model(timer, model)
+    image_shapes = []  # the backbone's input per forward, its FLOPs counted after the timed steps
+    shape_hook = model.backbone.register_forward_pre_hook(lambda _m, args: image_shapes.append(tuple(args[0].shape)))
+    matmul_rates = []
     steps = len(batches) - warmup
     if steps < 1:
         raise ValueError("need more batches than warm-up steps")
-    op_seconds, total = 0.0, 0.0
+    op_seconds, conv_forward_seconds, conv_seconds, total = 0.0, 0.0, 0.0, 0.0
     with EventStorage():
         for i, (batch, load_seconds) in enumerate(batches):
             if i == warmup:
@@ -103,6 +137,7 @@ def profile_steps(cfg, batches, warmup=1):
                 optimizer.step()
                 t2 = time.perf_counter()
             if i >= warmup:
+                matmul_rates.append(matmul_flops_per_s())
                 timer.add("backward", t1 - t0)
                 timer.add("optimizer step", t2 - t1)
                 timer.add("data loading", load_seconds)
@@ -110,12 +145,21 @@ def profile_steps(cfg, batches, warmup=1):
                 op_seconds += sum(
                     e.cpu_time_total for e in prof.key_averages() if "ms_deform_attn" in e.key and "::" in e.key
                 ) / 1e6
+                events = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+                conv_forward_seconds += events.get(CONV_FORWARD, 0.0)
+                conv_seconds += events.get(CONV_FORWARD, 0.0) + events.get(CONV_BACKWARD, 0.0)
     timer.remove()
+    shape_hook.remove()
+    conv_flops = sum(backbone_conv_flops(model.backbone, shape) for shape in image_shapes[-steps:])
     return {
         "steps": steps,
         "step_s": total / steps,
         "parts_s": {name: seconds / steps for name, seconds in timer.seconds.items()},
         "op_s": op_seconds / steps,
+        "conv_s": conv_seconds / steps,
+        "conv_forward_s": conv_forward_seconds / steps,
+        "conv_forward_flops": conv_flops / steps,
+        "matmul_flops_per_s": sorted(matmul_rates)[len(matmul_rates) // 2],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
@@ -131,6 +175,14 @@ def format_profile(result, title=""):
     for name, seconds in sorted(result["parts_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{name:<42}{seconds * 1e3:>10.1f}{seconds / step:>9.1%}")
     lines.append(f"{'our MSDeformAttn op (fwd + bwd, profiler)':<42}{result['op_s'] * 1e3:>10.1f}{result['op_s'] / step:>9.1%}")
+    lines.append(f"{'convolutions (fwd + bwd, profiler)':<42}{result['conv_s'] * 1e3:>10.1f}{result['conv_s'] / step:>9.1%}")
+    if result["conv_forward_s"] > 0 and result["conv_forward_flops"] > 0:
+        rate, ceiling = result["conv_forward_flops"] / result["conv_forward_s"], result["matmul_flops_per_s"]
+        lines.append(
+            f"convolution forward: {result['conv_forward_flops'] / 1e9:.2f} GFLOP per step at {rate / 1e9:.1f} GFLOP/s, "
+            f"{rate / ceiling:.0%} of a {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul on the same threads "
+            f"({ceiling / 1e9:.1f} GFLOP/s, median over the steps)"
+        )
     return "\n".join(lines)
 
 

@@ -14,3 +14,19 @@ def test_parts_of_a_dac_step_are_timed():
     assert sum(v for k, v in parts.items() if k in ("backbone", "neck", "encoder", "backward")) < result["step_s"]
     assert 0 < result["op_s"] < result["step_s"]
     assert "our MSDeformAttn op" in profile_step.format_profile(result)
+
+
+def test_conv_flops_are_twice_the_multiply_adds():
+    import torch
+
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
+    # 8 outputs x 3 inputs x 3 x 3 taps per pixel, 2 images of 5 x 7 pixels, one multiply and one add each.
+    assert profile_step.backbone_conv_flops(conv, (2, 3, 5, 7)) == 2 * (8 * 3 * 9) * (2 * 5 * 7)
+
+
+def test_the_convolutions_are_timed_and_set_against_a_matmul():
+    cfg = tiny_cfg()
+    result = profile_step.profile_steps(cfg, [(synthetic_batch(), 0.0)] * 2, warmup=1)
+    assert result["conv_forward_flops"] > 0 and result["matmul_flops_per_s"] > 0
+    assert 0 < result["conv_forward_s"] < result["conv_s"] < result["step_s"]
+    assert "GFLOP/s" in profile_step.format_profile(result)
