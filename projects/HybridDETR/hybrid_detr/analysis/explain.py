@@ -550,7 +550,9 @@ def plot_co_detr(model, captured: Captured, image: np.ndarray, gt_instances, pat
         for g, (box, cls) in enumerate(zip(gt_instances.gt_boxes.tensor, gt_instances.gt_classes.tolist())):
             _draw_box(ax, box, cmap(g % 10), 2.5, f"gt {g}: {_class_name(metadata, cls)}")
         ax.set_xlim(0, image.shape[1]); ax.set_ylim(image.shape[0], 0)
-    fig.suptitle("Co-DETR auxiliary heads: positives (dashed) for each ground truth (solid, same colour)", fontsize=11)
+    # One line fits two panels; a single panel (K = 1) is too narrow for it.
+    title = "Co-DETR auxiliary heads: positives (dashed) for each ground truth (solid, same colour)"
+    fig.suptitle(title if len(positives) > 1 else title.replace(": ", ":\n", 1), fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path)
     plt.close(fig)
