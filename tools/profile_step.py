@@ -11,10 +11,12 @@ each training branch (inclusive of its decoder pass), matchers, losses, backward
 Parts are timed by forward hooks on the model's modules, so nothing of the model changes; nested parts
 (a branch's decoder pass) are counted in both. The share of our MSDeformAttn op (forward + backward)
 comes from torch.profiler over the same steps. Also printed: the process's peak resident memory, and
-the backbone's convolutions' share (forward + backward, torch.profiler) and how close their forward
-runs to the machine's arithmetic limit: their floating-point operations (fvcore's count of multiply-adds,
-x 2) per second of the profiler's convolution time, against a square float32 matmul timed after every step
-on the same threads (the fastest dense kernel the CPU runs, a practical ceiling).
+the convolutions' share (forward + backward, torch.profiler: every convolution of the model, nearly all of
+them the backbone's) and how close their forward runs to the machine's arithmetic limit: the backbone's
+convolution FLOPs (fvcore's count of multiply-adds, x 2; the neck's 1x1 projections, about 1 % of them at
+the quickstart's shapes, are not counted, so the rate errs low) per second of the profiler's convolution
+time, against a square float32 matmul timed after every step on the same threads (the fastest dense
+kernel the CPU runs, a practical ceiling).
 """
 import argparse
 import collections
@@ -142,15 +144,18 @@ def profile_steps(cfg, batches, warmup=1):
                 timer.add("optimizer step", t2 - t1)
                 timer.add("data loading", load_seconds)
                 total += t2 - start + load_seconds
+                averages = prof.key_averages()
                 op_seconds += sum(
-                    e.cpu_time_total for e in prof.key_averages() if "ms_deform_attn" in e.key and "::" in e.key
+                    e.cpu_time_total for e in averages if "ms_deform_attn" in e.key and "::" in e.key
                 ) / 1e6
-                events = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+                events = {e.key: e.self_cpu_time_total / 1e6 for e in averages}
                 conv_forward_seconds += events.get(CONV_FORWARD, 0.0)
                 conv_seconds += events.get(CONV_FORWARD, 0.0) + events.get(CONV_BACKWARD, 0.0)
     timer.remove()
     shape_hook.remove()
-    conv_flops = sum(backbone_conv_flops(model.backbone, shape) for shape in image_shapes[-steps:])
+    # Batches of one image size share a count: trace each size once.
+    shape_counts = collections.Counter(image_shapes[-steps:])
+    conv_flops = sum(n * backbone_conv_flops(model.backbone, shape) for shape, n in shape_counts.items())
     return {
         "steps": steps,
         "step_s": total / steps,
