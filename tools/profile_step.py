@@ -16,7 +16,12 @@ them the backbone's) and how close their forward runs to the machine's arithmeti
 convolution FLOPs (fvcore's count of multiply-adds, x 2; the neck's 1x1 projections, about 1 % of them at
 the quickstart's shapes, are not counted, so the rate errs low) per second of the profiler's convolution
 time, against a square float32 matmul timed after every step on the same threads (the fastest dense
-kernel the CPU runs, a practical ceiling).
+kernel the CPU runs, a practical ceiling). The matrix multiplies' share (the linear layers: aten's mm,
+addmm, bmm, baddbmm, forward and backward) is printed beside it, and with it the bound these two dense
+parts put on any speed-up that leaves them as they are: with everything else free, a step could be at most
+1 / (their share) times faster. Last, the padding: the share of the backbone's input pixels that are
+padding (a batch is padded to its largest image), which the convolutions compute anyway.
+The batches come from the trainer's own (resumable) training loader, so they are shaped as in training.
 """
 import argparse
 import collections
@@ -28,13 +33,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR"))
 
 import torch  # noqa: E402
-from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from hybrid_detr.config import load_config  # noqa: E402
-from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
+from hybrid_detr.data import ensure_synthetic_dataset  # noqa: E402
 from hybrid_detr.engine import build_optimizer  # noqa: E402
+from hybrid_detr.engine.trainer import Trainer  # noqa: E402
 
 __all__ = ["PartTimer", "profile_steps", "format_profile", "main"]
 
@@ -85,6 +90,8 @@ def _watch_model(timer, model):
 MATMUL_SIZE = 1024
 # The CPU's convolution kernels as the profiler names them (oneDNN forward, ATen's backward).
 CONV_FORWARD, CONV_BACKWARD = "aten::mkldnn_convolution", "aten::convolution_backward"
+# The dense matrix multiplies (linear layers, forward and backward) as the profiler names them.
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def matmul_flops_per_s(size=MATMUL_SIZE, repeats=3):
@@ -117,12 +124,13 @@ def profile_steps(cfg, batches, warmup=1):
     timer = PartTimer()
     _watch_model(timer, model)
     image_shapes = []  # the backbone's input per forward, its FLOPs counted after the timed steps
+    image_pixels, padded_pixels = 0, 0
     shape_hook = model.backbone.register_forward_pre_hook(lambda _m, args: image_shapes.append(tuple(args[0].shape)))
     matmul_rates = []
     steps = len(batches) - warmup
     if steps < 1:
         raise ValueError("need more batches than warm-up steps")
-    op_seconds, conv_forward_seconds, conv_seconds, total = 0.0, 0.0, 0.0, 0.0
+    op_seconds, conv_forward_seconds, conv_seconds, matmul_seconds, total = 0.0, 0.0, 0.0, 0.0, 0.0
     with EventStorage():
         for i, (batch, load_seconds) in enumerate(batches):
             if i == warmup:
@@ -151,6 +159,10 @@ def profile_steps(cfg, batches, warmup=1):
                 events = {e.key: e.self_cpu_time_total / 1e6 for e in averages}
                 conv_forward_seconds += events.get(CONV_FORWARD, 0.0)
                 conv_seconds += events.get(CONV_FORWARD, 0.0) + events.get(CONV_BACKWARD, 0.0)
+                matmul_seconds += sum(events.get(name, 0.0) for name in MATMULS)
+                n, _, padded_h, padded_w = image_shapes[-1]
+                image_pixels += sum(x["image"].shape[-2] * x["image"].shape[-1] for x in batch)
+                padded_pixels += n * padded_h * padded_w
     timer.remove()
     shape_hook.remove()
     # Batches of one image size share a count: trace each size once.
@@ -164,6 +176,8 @@ def profile_steps(cfg, batches, warmup=1):
         "conv_s": conv_seconds / steps,
         "conv_forward_s": conv_forward_seconds / steps,
         "conv_forward_flops": conv_flops / steps,
+        "matmul_s": matmul_seconds / steps,
+        "padding_share": 1.0 - image_pixels / padded_pixels,
         "matmul_flops_per_s": sorted(matmul_rates)[len(matmul_rates) // 2],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
@@ -188,13 +202,21 @@ def format_profile(result, title=""):
             f"{rate / ceiling:.0%} of a {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul on the same threads "
             f"({ceiling / 1e9:.1f} GFLOP/s, median over the steps)"
         )
+    lines.append(f"{'matrix multiplies (fwd + bwd, profiler)':<42}{result['matmul_s'] * 1e3:>10.1f}{result['matmul_s'] / step:>9.1%}")
+    dense = (result["conv_s"] + result["matmul_s"]) / step
+    lines.append(
+        f"convolutions + matrix multiplies: {dense:.0%} of the step; with every other part free, a step would be at "
+        f"most {1 / dense:.2f}x faster at these rates"
+    )
+    lines.append(f"padding: {result['padding_share']:.1%} of the backbone's input pixels (each batch padded to its largest image)")
     return "\n".join(lines)
 
 
 def training_batches(cfg, count):
+    """`count` batches of the trainer's own training loader, each with the time it took to load."""
     for name in cfg.DATASETS.TRAIN:
         ensure_synthetic_dataset(name)
-    loader = iter(build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True)))
+    loader = iter(Trainer.build_train_loader(cfg))
     batches = []
     for _ in range(count):
         start = time.perf_counter()

@@ -30,3 +30,14 @@ def test_the_convolutions_are_timed_and_set_against_a_matmul():
     assert result["conv_forward_flops"] > 0 and result["matmul_flops_per_s"] > 0
     assert 0 < result["conv_forward_s"] < result["conv_s"] < result["step_s"]
     assert "GFLOP/s" in profile_step.format_profile(result)
+
+
+def test_matmuls_padding_and_the_dense_bound_are_reported():
+    cfg = tiny_cfg()
+    batch = synthetic_batch()  # 96 x 128 and 80 x 100 pixels: the second is padded to 96 x 128
+    result = profile_step.profile_steps(cfg, [(batch, 0.0)] * 2, warmup=1)
+    assert 0 < result["matmul_s"] < result["step_s"]
+    assert 0 < result["conv_s"] + result["matmul_s"] < result["step_s"]
+    assert abs(result["padding_share"] - (1 - (96 * 128 + 80 * 100) / (2 * 96 * 128))) < 1e-9
+    text = profile_step.format_profile(result)
+    assert "matrix multiplies" in text and "at most" in text and "padding: 17.4%" in text
