@@ -8,6 +8,9 @@ Runs a few training steps of the config's model on its training data (DETR's map
 part, the mean wall time per step and its share of the step: data loading, backbone, neck, encoder,
 query selection, decoder passes (the one-to-one pass, and the passes each training branch makes),
 each training branch (inclusive of its decoder pass), matchers, losses, backward, optimizer step.
+"Data loading" is the time to fetch each batch with nothing else running, counted in the step; in training the
+loader's worker prepares batches while the model runs, so the trainer waits less (its `data_time` in
+metrics.json).
 Parts are timed by forward hooks on the model's modules, so nothing of the model changes; nested parts
 (a branch's decoder pass) are counted in both. The share of our MSDeformAttn op (forward + backward)
 comes from torch.profiler over the same steps. Also printed: the process's peak resident memory, and
