@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Installs the `hybrid_detr` package and builds its C++/CUDA extension `hybrid_detr._C`.
+"""Installs the `hybrid_detr` package and builds its C++/CUDA extension `hybrid_detr.layers._C`.
+
+The extension belongs to the op layer (`hybrid_detr.layers`), which imports it as `from . import _C`
+and so needs neither the rest of the package nor detectron2; `hybrid_detr._C` is an alias of it.
 
 CPU kernels are always built. CUDA kernels are built when PyTorch has CUDA and a CUDA toolkit is
 found; `FORCE_CUDA=1` makes a missing toolkit an error, `HYBRID_DETR_NO_CUDA=1` skips CUDA.
@@ -131,7 +134,7 @@ def get_extensions(cuda_home):
     print("hybrid_detr: CPU kernels for " + ", ".join(name for name, _, _ in isa_variants)
           + (", multi-threaded (OpenMP)" if openmp else ", single-threaded (no OpenMP)"))
     ext = extension(
-        "hybrid_detr._C",
+        "hybrid_detr.layers._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,

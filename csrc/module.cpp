@@ -1,6 +1,6 @@
-// The Python module `hybrid_detr._C`. Importing it loads this library, whose static initialisers
-// register the hybrid_detr ops with the dispatcher (see ms_deform_attn.cpp). Plain CPython API,
-// no pybind11: the ops are reached through torch.ops.hybrid_detr.
+// The Python module `hybrid_detr.layers._C` (also reachable as `hybrid_detr._C`). Importing it loads
+// this library, whose static initialisers register the hybrid_detr ops with the dispatcher (see
+// ms_deform_attn.cpp). Plain CPython API, no pybind11: the ops are reached through torch.ops.hybrid_detr.
 #include <Python.h>
 
 #include "ms_deform_attn.h"

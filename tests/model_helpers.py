@@ -50,18 +50,6 @@ def synthetic_batch():
     return [synthetic_input(96, 128, 3, seed=1), synthetic_input(80, 100, 0, seed=2)]
 
 
-def load_tool(name):
-    """A script of tools/ as a module (tools are scripts, not part of the package)."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def flatten_config(node, prefix=""):
     """A config as {"A.B.C": value}, to compare two configs key by key."""
     out = {}

@@ -8,31 +8,16 @@ tools/analyze_model.py).
 """
 import argparse
 import json
-import os
 import sys
 
-# Run from a checkout without installing: the package lives in projects/HybridDETR.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR"))
+try:
+    import hybrid_detr  # noqa: F401
+except ImportError as error:
+    sys.exit(f"cannot import hybrid_detr ({error}): run `bash tools/bootstrap.sh`")
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.data import build_detection_test_loader  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
+from hybrid_detr.analysis.inference_cost import analyze  # noqa: E402
 from hybrid_detr.config import load_config  # noqa: E402
-from hybrid_detr.data import DetrDatasetMapper, ensure_synthetic_dataset  # noqa: E402
-from hybrid_detr.engine import benchmark_model, format_benchmark  # noqa: E402
-
-
-def analyze(cfg, num_images=20, flop_images=3):
-    dataset = cfg.DATASETS.TEST[0]
-    ensure_synthetic_dataset(dataset)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    loader = build_detection_test_loader(cfg, dataset, mapper=DetrDatasetMapper(cfg, is_train=False))
-    result = benchmark_model(model, loader, max_images=num_images, flop_images=flop_images)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    result["dataset"] = dataset
-    return result
+from hybrid_detr.engine import format_benchmark  # noqa: E402
 
 
 def main(argv=None):

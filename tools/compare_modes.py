@@ -11,198 +11,22 @@ set every `--eval-period` iterations and at the end. A mode may carry config ove
 (KEY=VALUE pairs joined by "@"), as in tools/compare_step_cost.py. A run already finished (its
 `metrics.json` has the final evaluation) is not run again, so an interrupted comparison resumes.
 
-Written to OUTPUT_DIR: `compare_modes.json` (every evaluation of every run), `compare_modes.md` (AP and
-AP50, mean ± std over seeds at every evaluated iteration, and the training time), `compare_modes.png`
-(AP against iteration and against training time, one line per mode, the band one std).
-A seed not started yet is left out of its mode's rows (`--report-only` writes the table and PNG of the
-runs so far without training, e.g. while a comparison is still running). Peak RSS: each finished run's
-peak resident memory (its training process's VmHWM, polled every second), in `run_info.json` beside its metrics.
-Training time is the sum of the per-iteration times detectron2 logs (`time` in metrics.json), evaluation
-excluded. The comparison pairs the papers make: deformable vs dac, deformable vs co_detr (K = 1, 2),
-dense vs smca, deformable vs smca with SMCA.DEFORMABLE.
+Written to OUTPUT_DIR: `compare_modes.json`, `compare_modes.md` (AP and AP50, mean ± std over seeds at every
+evaluated iteration, training time, peak RSS) and `compare_modes.png` (AP against iteration and training
+time); `--report-only` writes the table and PNG of the runs so far without training, e.g. while a comparison
+is still running. The details: `hybrid_detr.analysis.mode_comparison`. The comparison pairs the papers
+make: deformable vs dac, deformable vs co_detr (K = 1, 2), dense vs smca, deformable vs smca with
+SMCA.DEFORMABLE.
 """
 import argparse
-import hashlib
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "projects", "HybridDETR", "train_net.py")
-# Run from a checkout without installing: the package lives in projects/HybridDETR.
-sys.path.insert(0, os.path.join(ROOT, "projects", "HybridDETR"))
+try:
+    import hybrid_detr  # noqa: F401
+except ImportError as error:
+    sys.exit(f"cannot import hybrid_detr ({error}): run `bash tools/bootstrap.sh`")
 
-from hybrid_detr.config import load_config, mode_spec_overrides  # noqa: E402
-
-__all__ = ["read_run", "summarize", "format_table", "plot", "main"]
-
-
-def run_dir(output: str, spec: str, seed: int) -> str:
-    safe = spec.replace("@", "__").replace("=", "-").replace("/", "_")
-    if len(safe) > 120:  # a file name has at most 255 bytes: keep a readable head and a digest of the rest
-        safe = safe[:100] + "-" + hashlib.sha1(spec.encode()).hexdigest()[:12]
-    return os.path.join(output, safe, f"seed{seed}")
-
-
-def read_run(directory: str) -> Dict:
-    """The evaluations of one run from its metrics.json: {"evals": [{iteration, train_time_s, AP, AP50}],
-    "max_iter_logged": last training iteration logged}. `iteration` counts the steps done."""
-    path = os.path.join(directory, "metrics.json")
-    if not os.path.isfile(path):
-        return {"evals": [], "max_iter_logged": -1}
-    evals, train_time, last_step = [], 0.0, -1
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            row = json.loads(line)
-            iteration = row.get("iteration", -1)
-            if "time" in row and iteration > last_step:
-                train_time += (iteration - last_step) * row["time"]  # time: seconds per iteration
-                last_step = iteration
-            if "bbox/AP" in row:
-                evals.append({"iteration": iteration, "train_time_s": train_time, "AP": row["bbox/AP"], "AP50": row["bbox/AP50"]})
-    # An evaluation during training is logged at the index of the step it follows (199 after 200
-    # steps), the one after training at the step count (MAX_ITER): both become steps done.
-    for e in evals:
-        e["iteration"] = min(e["iteration"] + 1, last_step + 1)
-    run = {"evals": evals, "max_iter_logged": last_step}
-    info = os.path.join(directory, "run_info.json")
-    if os.path.isfile(info):
-        with open(info) as f:
-            run["peak_rss_mib"] = json.load(f)["peak_rss_mib"]
-    return run
-
-
-def summarize(runs: Dict[str, Dict[int, Dict]]) -> Dict[str, List[Dict]]:
-    """Per mode: for every iteration evaluated in all its seeds, mean and std of AP / AP50 / time."""
-    summary = {}
-    for spec, seeds in runs.items():
-        seeds = {seed: run for seed, run in seeds.items() if run["evals"]}  # not started: left out
-        by_iter: Dict[int, List[Dict]] = {}
-        for run in seeds.values():
-            for e in run["evals"]:
-                by_iter.setdefault(e["iteration"], []).append(e)
-        rows = []
-        for iteration in sorted(by_iter):
-            evals = by_iter[iteration]
-            if len(evals) != len(seeds):
-                continue  # a seed has not reached this evaluation yet
-            row = {"iteration": iteration, "seeds": len(evals)}
-            for key in ("AP", "AP50", "train_time_s"):
-                values = [e[key] for e in evals]
-                row[key] = statistics.fmean(values)
-                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            rows.append(row)
-        rss = [run["peak_rss_mib"] for run in seeds.values() if "peak_rss_mib" in run]
-        if rows and len(rss) == rows[-1]["seeds"]:
-            rows[-1]["peak_rss_mib"] = statistics.fmean(rss)  # of the whole run, on its last row
-        summary[spec] = rows
-    return summary
-
-
-def format_table(summary: Dict[str, List[Dict]], header: str = "") -> str:
-    lines = [header] if header else []
-    lines += [
-        "| mode | iteration | seeds | AP | AP50 | training time (s) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for spec, rows in summary.items():
-        for r in rows:
-            rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else ""
-            lines.append(
-                f"| {spec} | {r['iteration']} | {r['seeds']} | {r['AP']:.1f} ± {r['AP_std']:.1f} | "
-                f"{r['AP50']:.1f} ± {r['AP50_std']:.1f} | {r['train_time_s']:.0f} ± {r['train_time_s_std']:.0f} | {rss} |"
-            )
-    return "\n".join(lines)
-
-
-def short_label(spec: str, width: int = 60) -> str:
-    """A legend label: the spec without the MODEL.HYBRID_DETR. prefixes, cut to `width` characters."""
-    label = spec.replace("MODEL.HYBRID_DETR.", "")
-    return label if len(label) <= width else label[: width - 3] + "..."
-
-
-def plot(summary: Dict[str, List[Dict]], path: str, title: str = ""):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows_of_legend = (len(summary) + 1) // 2
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.3 * rows_of_legend))
-    for spec, rows in summary.items():
-        if not rows:
-            continue
-        ap = [r["AP"] for r in rows]
-        std = [r["AP_std"] for r in rows]
-        low = [a - s for a, s in zip(ap, std)]
-        high = [a + s for a, s in zip(ap, std)]
-        for ax, x in zip(axes, ([r["iteration"] for r in rows], [r["train_time_s"] / 60 for r in rows])):
-            label = f"{short_label(spec)} ({rows[0]['seeds']} seed{'s' if rows[0]['seeds'] > 1 else ''})"
-            (line,) = ax.plot(x, ap, marker="o", label=label)
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
-    axes[0].set_xlabel("iteration")
-    axes[1].set_xlabel("training time (min, evaluation excluded)")
-    for ax in axes:
-        ax.set_ylabel("box AP (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
-    fig.subplots_adjust(bottom=0.12 + 0.05 * rows_of_legend, top=0.9, wspace=0.25)
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _peak_rss_kib(pid: int) -> int:
-    """The process's peak resident memory so far (VmHWM, KiB), 0 once it is gone. Read from /proc rather
-    than wait4's ru_maxrss, which also counts the memory of this (forking) process before the exec."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _train(config_file, spec, seed, directory, eval_period, threads, extra_opts, log):
-    opts = mode_spec_overrides(spec) + ["SEED", str(seed), "OUTPUT_DIR", directory, "TEST.EVAL_PERIOD", str(eval_period)]
-    cmd = [sys.executable, TRAIN_NET, "--config-file", config_file] + opts + list(extra_opts)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    os.makedirs(directory, exist_ok=True)
-    start = time.time()
-    with open(os.path.join(directory, "compare_modes.log"), "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        peak_rss_kib = 0
-        while process.poll() is None:
-            peak_rss_kib = max(peak_rss_kib, _peak_rss_kib(process.pid))
-            time.sleep(1.0)
-    wall = time.time() - start
-    log(f"{spec} seed {seed}: exit {process.returncode} after {wall:.0f} s ({directory})")
-    if process.returncode == 0:
-        with open(os.path.join(directory, "run_info.json"), "w") as f:
-            json.dump({"wall_s": wall, "peak_rss_mib": peak_rss_kib / 1024}, f)
-    else:
-        raise RuntimeError(f"training {spec} seed {seed} failed: see {directory}/compare_modes.log")
-
-
-def _train_or_log(config_file, spec, seed, directory, eval_period, threads, extra_opts, log):
-    """`_train`, logging a failure when it happens (the pool raises it only after the runs before it)."""
-    try:
-        _train(config_file, spec, seed, directory, eval_period, threads, extra_opts, log)
-    except Exception as error:
-        log(f"{spec} seed {seed}: FAILED: {error}")
-        raise
+from hybrid_detr.analysis.mode_comparison import compare_modes  # noqa: E402
 
 
 def main(argv=None):
@@ -217,54 +41,8 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true", help="train nothing: write the table and PNG of the runs so far")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE ...")
     args = parser.parse_args(argv)
-    if len(set(args.modes)) != len(args.modes):
-        raise ValueError(f"--modes must be distinct, got {args.modes}")
-    for spec in args.modes:
-        mode_spec_overrides(spec)  # fail on a malformed entry before any training
-    max_iter = _max_iter(args.config_file, args.opts)
-
-    def log(message):
-        print(f"[compare_modes] {message}", flush=True)
-
-    jobs = []
-    for seed in args.seeds:  # seeds outermost: the first results cover every mode
-        for spec in args.modes:
-            directory = run_dir(args.output, spec, seed)
-            done = read_run(directory)
-            if args.report_only:
-                continue
-            if done["evals"] and done["evals"][-1]["iteration"] == max_iter:
-                log(f"{spec} seed {seed}: already done ({directory})")
-                continue
-            jobs.append((spec, seed, directory))
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        futures = [
-            pool.submit(_train_or_log, args.config_file, spec, seed, d, args.eval_period, args.threads, args.opts, log)
-            for spec, seed, d in jobs
-        ]
-        for future in futures:
-            future.result()
-
-    runs = {spec: {seed: read_run(run_dir(args.output, spec, seed)) for seed in args.seeds} for spec in args.modes}
-    summary = summarize(runs)
-    header = (
-        f"{os.path.relpath(args.config_file, ROOT) if os.path.isabs(args.config_file) else args.config_file}, "
-        f"{max_iter} iterations, seeds {args.seeds}, {args.threads} thread(s) per run, {args.parallel} at a time"
-    )
-    table = format_table(summary, header)
-    print(table)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "compare_modes.json"), "w") as f:
-        json.dump({"config_file": args.config_file, "max_iter": max_iter, "runs": runs, "summary": summary}, f, indent=2)
-    with open(os.path.join(args.output, "compare_modes.md"), "w") as f:
-        f.write(table + "\n")
-    plot(summary, os.path.join(args.output, "compare_modes.png"), title=header)
-    log(f"wrote {args.output}/compare_modes.{{json,md,png}}")
-    return summary
-
-
-def _max_iter(config_file, opts):
-    return load_config(config_file, opts).SOLVER.MAX_ITER
+    return compare_modes(args.config_file, args.modes, args.seeds, args.eval_period, args.parallel, args.threads,
+                         args.output, args.report_only, args.opts)
 
 
 if __name__ == "__main__":

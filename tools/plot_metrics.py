@@ -7,10 +7,12 @@ detectron2's OUTPUT_DIR/metrics.json.
 Writes OUTPUT_DIR/metrics.png unless --output is given, and prints its path.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "HybridDETR"))
+try:
+    import hybrid_detr  # noqa: F401
+except ImportError as error:
+    sys.exit(f"cannot import hybrid_detr ({error}): run `bash tools/bootstrap.sh`")
 
 from hybrid_detr.analysis.metrics import plot_metrics  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""CPU tests of the MSDeformAttn op (hybrid_detr._C) against the pure-PyTorch reference."""
+"""CPU tests of the MSDeformAttn op (hybrid_detr.layers._C) against the pure-PyTorch reference."""
 import warnings
 
 import pytest
@@ -12,7 +12,7 @@ from hybrid_detr.layers import (
     ms_deform_attn_reference,
 )
 
-pytestmark = pytest.mark.skipif(not extension_available(), reason="hybrid_detr._C is not built")
+pytestmark = pytest.mark.skipif(not extension_available(), reason="hybrid_detr.layers._C is not built")
 
 op = torch.ops.hybrid_detr.ms_deform_attn if extension_available() else None
 
@@ -411,7 +411,7 @@ def test_native_bfloat16_sampling_is_exact_under_autocast(monkeypatch):
 _VARIANT_CHECK = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-from hybrid_detr import _C
+from hybrid_detr.layers import _C
 from hybrid_detr.layers import ms_deform_attn_reference
 sys.path.insert(0, {here!r})
 from test_ms_deform_attn import make_inputs
@@ -465,7 +465,7 @@ def test_cpu_kernel_variants(capability):
 def test_cpu_kernels_use_torchs_threads():
     """The kernels' at::parallel_for is a header template: without -fopenmp in our build it would run
     every loop on one thread whatever torch.set_num_threads says (as it did before the fix)."""
-    from hybrid_detr import _C
+    from hybrid_detr.layers import _C
 
     threads = torch.get_num_threads()
     try:

@@ -13,7 +13,7 @@ from test_ms_deform_attn import SHAPE_CASES, _module_inputs, fma_discriminating_
 def _cuda_kernels_built():
     if not extension_available():
         return False
-    from hybrid_detr import _C
+    from hybrid_detr.layers import _C
 
     return bool(_C.with_cuda())
 
@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (torch.cuda.is_available() is False)"),
     pytest.mark.skipif(
         torch.cuda.is_available() and not _cuda_kernels_built(),
-        reason="hybrid_detr._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)",
+        reason="hybrid_detr.layers._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)",
     ),
 ]
 

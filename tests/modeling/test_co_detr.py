@@ -9,13 +9,9 @@ from detectron2.utils.events import EventStorage
 
 from hybrid_detr.modeling.co_detr.atss import ATSSAssigner, centerness_targets
 from hybrid_detr.modeling.co_detr.branch import CoDETRBranch
-from hybrid_detr.modeling.co_detr.positive_queries import (
-    AuxPositives,
-    concat_groups,
-    pack_positives,
-    padded_focal_loss,
-    split_decoder_output,
-)
+from hybrid_detr.modeling.co_detr.positive_queries import AuxPositives, pack_positives
+from hybrid_detr.modeling.criterion import FocalLoss, MatchedPairs
+from hybrid_detr.modeling.query_groups import concat_groups, split_decoder_output
 from hybrid_detr.modeling.transformer import QueryGroup
 from model_helpers import synthetic_batch, synthetic_input, tiny_cfg
 
@@ -128,10 +124,12 @@ def test_padding_queries_get_no_loss():
     logits = torch.randn(1, 4, 3)
     onehot = torch.zeros(1, 4, 3)
     onehot[0, 0, 1] = 1
-    loss = padded_focal_loss(0.25, 2.0, padding)
-    reference = loss(logits, onehot, None, None, None, 1.0).value
+    loss = FocalLoss(0.25, 2.0)
+    pairs = MatchedPairs(None, None, None, None, None, onehot, padding)
+    reference = loss(logits, pairs, 1.0).value
     logits[0, 2:] = torch.randn(2, 3) * 10
-    assert loss(logits, onehot, None, None, None, 1.0).value.item() == pytest.approx(reference.item())
+    assert loss(logits, pairs, 1.0).value.item() == pytest.approx(reference.item())
+    assert loss(logits, pairs._replace(padding_mask=None), 1.0).value.item() != pytest.approx(reference.item())
 
 
 def test_group_masks_keep_groups_apart_in_the_decoder():
@@ -151,7 +149,7 @@ def test_group_masks_keep_groups_apart_in_the_decoder():
         pad_b = torch.tensor([[False] * 7, [False] * 2 + [True] * 5])
 
         def run(a, b):
-            group = concat_groups([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], [pad_a, pad_b])
+            group = concat_groups([QueryGroup(*a, padding_mask=pad_a), QueryGroup(*b, padding_mask=pad_b)])
             return split_decoder_output(model.decoder(group, memory), [5, 7])
 
         out_a, out_b = run(a, b)

@@ -7,6 +7,7 @@ from detectron2.modeling import build_model
 from model_helpers import NUM_CLASSES, synthetic_batch, tiny_cfg
 
 from hybrid_detr.modeling.box_ops import batched_box_iou, rank_within_groups
+from hybrid_detr.modeling.criterion import DetectionCriterion
 from hybrid_detr.modeling.dac import DACBranch, DACMatcher, IoUAwareBCELoss
 from hybrid_detr.modeling.matcher import Assignment
 
@@ -168,7 +169,10 @@ def test_iou_aware_bce_values():
     gt = targets[0]["boxes"].expand(2, 4)
     onehot = torch.zeros_like(logits)
     onehot[0, [0, 1], 0] = 1
-    loss, rank_weight = IoUAwareBCELoss(targets)(logits, onehot, assignment, pred, gt, 2.0)
+    boxes = torch.zeros(1, 3, 4).index_put((assignment.batch_index, assignment.query_index), pred)
+    pairs = DetectionCriterion.matched_pairs(logits, boxes, targets, assignment)
+    assert torch.equal(pairs.onehot, onehot) and torch.equal(pairs.gt_boxes, gt)
+    loss, rank_weight = IoUAwareBCELoss()(logits, pairs, 2.0)
     p = logits.sigmoid()
     t0 = p[0, 0, 0] ** 0.25 * 1.0**0.75
     t1 = p[0, 1, 0] ** 0.25 * 0.6**0.75

@@ -20,8 +20,8 @@ from hybrid_detr.modeling.co_detr.positive_queries import (
     PackedPositives,
     PositiveQueryEmbedding,
     pack_positives,
-    padded_focal_loss,
 )
+from hybrid_detr.modeling.criterion import FocalLoss, MatchedPairs
 from hybrid_detr.modeling.co_detr.rcnn_head import FasterRCNNAuxHead, FlooredMatcher
 from hybrid_detr.modeling.matcher import Assignment
 from hybrid_detr.modeling.position_encoding import box_sine_embedding
@@ -198,12 +198,17 @@ def test_default_padding_is_random_negatives_trained_as_background():
     # Trained as background: the classification loss sees them (not the padding), no box loss.
     logits = torch.zeros(2, 9, 3)
     onehot = torch.zeros(2, 9, 3)
-    loss = padded_focal_loss(0.25, 2.0, packed.padding_mask)
-    base = loss(logits, onehot, None, None, None, 1.0).value
+    focal = FocalLoss(0.25, 2.0)
+    pairs = MatchedPairs(None, None, None, None, None, onehot, packed.padding_mask)
+
+    def loss(x):
+        return focal(x, pairs, 1.0).value
+
+    base = loss(logits)
     logits[0, 5] = 3.0  # a negative predicting objects costs more
-    assert loss(logits, onehot, None, None, None, 1.0).value > base
+    assert loss(logits) > base
     logits[1, 6] = 3.0  # a padding slot does not
-    assert loss(logits, onehot, None, None, None, 1.0).value == pytest.approx(loss(logits.index_fill(1, torch.tensor([6]), 0.0), onehot, None, None, None, 1.0).value)
+    assert loss(logits) == pytest.approx(loss(logits.index_fill(1, torch.tensor([6]), 0.0)))
 
 
 def test_zero_padding_option_masks_the_padding():

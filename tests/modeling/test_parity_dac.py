@@ -5,6 +5,7 @@ from detectron2.modeling import build_model
 from torchvision.ops import box_iou
 
 from hybrid_detr.modeling.box_ops import normalized_targets
+from hybrid_detr.modeling.criterion import ClassificationLossSpec, DetectionCriterion
 from hybrid_detr.modeling.dac import IoUAwareBCELoss
 from hybrid_detr.modeling.matcher import Assignment
 from model_helpers import synthetic_batch, tiny_cfg
@@ -36,7 +37,8 @@ def test_one_to_one_rank_weights_are_one():
     assignment = Assignment(torch.tensor([0, 0]), torch.tensor([3, 1]), torch.tensor([0, 1]))
     onehot = torch.zeros_like(logits)
     pred = torch.tensor([[0.32, 0.3, 0.2, 0.25], [0.7, 0.62, 0.28, 0.2]])
-    loss = IoUAwareBCELoss(targets)(logits, onehot, assignment, pred, targets[0]["boxes"], 2.0)
+    pairs = DetectionCriterion.matched_pairs(logits, torch.zeros(1, 5, 4).index_put((assignment.batch_index, assignment.query_index), pred), targets, assignment)
+    loss = IoUAwareBCELoss()(logits, pairs, 2.0)
     assert torch.equal(loss.pair_weight, torch.ones(2))
 
 
@@ -54,11 +56,11 @@ def test_iou_aware_bce_trains_both_branches_with_weight_one_and_keeps_the_encode
     logits, boxes = one_to_one.layer(-1)
     assignment = model.matcher(logits, boxes, targets)
     expected = model.criterion(
-        logits, boxes, targets, assignment, num_boxes, classification_loss=IoUAwareBCELoss(targets), class_weight=1.0
+        logits, boxes, targets, assignment, num_boxes, ClassificationLossSpec(IoUAwareBCELoss(), 1.0)
     )
     torch.testing.assert_close(losses["loss_class"], expected["loss_class"])
     torch.testing.assert_close(losses["loss_bbox"], expected["loss_bbox"])
-    focal_weighted = model.criterion(logits, boxes, targets, assignment, num_boxes)  # CLASS_WEIGHT 2, focal
+    focal_weighted = model.criterion(logits, boxes, targets, assignment, num_boxes, model.criterion.focal)  # CLASS_WEIGHT 2
     assert not torch.allclose(losses["loss_class"], focal_weighted["loss_class"])
     # The encoder's proposals keep the focal loss with CLASS_WEIGHT.
     focal_model = _dac_model(CLS_LOSS="focal", CAP_SAMPLING="score")

@@ -1,12 +1,10 @@
-"""tools/compare_modes.py: reading runs, mean ± std over seeds, the table and the plot."""
+"""tools/compare_modes.py (hybrid_detr.analysis.mode_comparison): reading runs, mean ± std over seeds, the table and the plot."""
 import json
 import os
 
 import pytest
 
-from model_helpers import load_tool
-
-compare_modes = load_tool("compare_modes")
+from hybrid_detr.analysis import mode_comparison as compare_modes
 
 
 def _write_run(directory, evals, seconds_per_iter):
@@ -68,17 +66,16 @@ def test_a_run_records_its_own_peak_memory(tmp_path, monkeypatch):
     script = tmp_path / "fake_train_net.py"
     script.write_text("import time\nblock = b'x' * (200 * 2**20)\ntime.sleep(3)\n")
     monkeypatch.setattr(compare_modes, "TRAIN_NET", str(script))
-    compare_modes._train("unused.yaml", "deformable", 0, str(tmp_path / "run"), 200, 1, [], lambda m: None)
+    compare_modes.train_run("unused.yaml", "deformable", 0, str(tmp_path / "run"), 200, 1, [], lambda m: None)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert 200 <= info["peak_rss_mib"] < 400
 
 
 def test_report_only_trains_nothing(tmp_path, monkeypatch):
     _write_run(tmp_path / "out" / "deformable" / "seed0", {40: 10.0}, 0.5)
-    monkeypatch.setattr(compare_modes, "_train", lambda *a: pytest.fail("--report-only must not train"))
-    summary = compare_modes.main(["--config-file", "configs/quickstart/deformable_detr_r18_synthetic.yaml",
-                                  "--modes", "deformable", "dac", "--seeds", "0", "1", "--report-only",
-                                  "--output", str(tmp_path / "out")])
+    monkeypatch.setattr(compare_modes, "train_run", lambda *a: pytest.fail("--report-only must not train"))
+    summary = compare_modes.compare_modes("configs/quickstart/deformable_detr_r18_synthetic.yaml", ["deformable", "dac"],
+                                          seeds=[0, 1], report_only=True, output=str(tmp_path / "out"))
     assert [r["AP"] for r in summary["deformable"]] == [10.0] and summary["dac"] == []
     assert (tmp_path / "out" / "compare_modes.png").is_file()
 
@@ -94,5 +91,5 @@ def test_long_mode_specs_get_distinct_short_folders(tmp_path):
 
 def test_malformed_mode_spec_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        compare_modes.main(["--config-file", "configs/quickstart/deformable_detr_r18_synthetic.yaml",
-                            "--modes", "co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS", "--output", str(tmp_path)])
+        compare_modes.compare_modes("configs/quickstart/deformable_detr_r18_synthetic.yaml",
+                                    ["co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS"], output=str(tmp_path))

@@ -1,9 +1,10 @@
-"""tools/compare_step_cost.py: per-mode config overrides ("MODE@KEY=VALUE") and side-by-side steps."""
+"""tools/compare_step_cost.py (hybrid_detr.analysis.step_cost): per-mode config overrides ("MODE@KEY=VALUE") and
+side-by-side steps."""
 import pytest
 
-from model_helpers import load_tool, synthetic_batch, tiny_cfg
+from hybrid_detr.analysis import step_cost as compare_step_cost
+from model_helpers import synthetic_batch, tiny_cfg
 
-compare_step_cost = load_tool("compare_step_cost")
 mode_config = compare_step_cost.mode_config
 
 

@@ -13,7 +13,9 @@ from hybrid_detr.config import load_config
 from hybrid_detr.converters import CONVERTERS, ConversionError, convert_file
 from hybrid_detr.converters.common import COCO_THING_IDS
 from hybrid_detr.model_zoo import get_config_file
-from model_helpers import flatten_config, load_tool
+from hybrid_detr.analysis.official_comparison import pinned_ranking
+from hybrid_detr.converters.report import convert_and_report
+from model_helpers import flatten_config
 from official_keys import deformable_detr_keys, seeded_state_dict
 from official_keys_dac_co_detr import co_deformable_detr_keys, dac_detr_keys
 
@@ -99,10 +101,9 @@ def test_dac_detr_refuses_other_kinds(tmp_path):
 
 
 def test_the_tool_converts_dac_detr(tmp_path, capsys):
-    tool = load_tool("convert_official")
     assert "dac_detr" in CONVERTERS
     source = _save(tmp_path, "checkpoint0011.pth", seeded_state_dict(dac_detr_keys()))
-    assert tool.main(["dac_detr", source, str(tmp_path / "out.pth")]) == 0
+    assert convert_and_report("dac_detr", source, str(tmp_path / "out.pth")) == 0
     out = capsys.readouterr().out
     assert "dac_deformable_detr_pp_r50_12ep_release.yaml" in out and "without CDN" in out
 
@@ -202,18 +203,16 @@ def test_co_detr_refuses_other_kinds(tmp_path):
 
 
 def test_the_tool_converts_co_detr(tmp_path, capsys):
-    tool = load_tool("convert_official")
     source = _save(tmp_path, "co.pth", _co_state(), wrap="mmdet")
-    assert tool.main(["co_detr", source, str(tmp_path / "out.pth")]) == 0
+    assert convert_and_report("co_detr", source, str(tmp_path / "out.pth")) == 0
     out = capsys.readouterr().out
     assert "co_deformable_detr_r50_12ep_query_head.yaml" in out and "rpn_head" in out
 
 
 def test_compare_official_pins_the_top_k_order_without_changing_anything_else():
-    """tools/compare_official.py ranks our two-stage proposals by given scores (the official
+    """tools/compare_official.py (hybrid_detr.analysis.official_comparison) ranks our two-stage proposals by given scores (the official
     model's) for its mixed-selection comparisons: given our own scores, the outputs are unchanged;
     given other scores, the selected proposals follow them."""
-    tool = load_tool("compare_official")
     cfg = load_config(get_config_file("coco/co_deformable_detr_r50_12ep_query_head.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     cfg.MODEL.HYBRID_DETR.NUM_QUERIES = 20
     torch.manual_seed(0)
@@ -225,10 +224,10 @@ def test_compare_official_pins_the_top_k_order_without_changing_anything_else():
         images, padding_mask = model.preprocess_image(inputs)
         memory = model.encode(images.tensor, padding_mask)
         own = model.query_source(memory)[1][0][..., 0]
-        with tool._pinned_ranking(model, own):
+        with pinned_ranking(model, own):
             pinned = model.raw_predictions(inputs)
         reversed_scores = -own
-        with tool._pinned_ranking(model, reversed_scores):
+        with pinned_ranking(model, reversed_scores):
             queries = model.query_source(memory)[0]
     assert torch.equal(plain["pred_logits"], pinned["pred_logits"]) and torch.equal(plain["pred_boxes"], pinned["pred_boxes"])
     assert "predict" not in vars(model.query_source.heads)  # the hook is removed afterwards

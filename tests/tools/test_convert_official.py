@@ -12,7 +12,7 @@ from hybrid_detr.config import load_config
 from hybrid_detr.converters import CONVERTERS, ConversionError, convert_file
 from hybrid_detr.model_zoo import get_config_file
 from hybrid_detr.converters.common import COCO_THING_IDS, torchvision_resnet_to_detectron2
-from model_helpers import load_tool
+from hybrid_detr.converters.report import convert_and_report
 from official_keys import deformable_detr_keys, seeded_state_dict
 
 
@@ -145,15 +145,14 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path):
 
 
 def test_the_tool_has_a_subcommand_per_converter_and_reports_errors(tmp_path, capsys):
-    tool = load_tool("convert_official")
     assert "deformable_detr" in CONVERTERS
     source, _ = _official_checkpoint(tmp_path, "refine")
     output = tmp_path / "model.pth"
-    assert tool.main(["deformable_detr", source, str(output)]) == 0
+    assert convert_and_report("deformable_detr", source, str(output)) == 0
     assert output.exists() and "box_refine_50ep.yaml" in capsys.readouterr().out
     bad = tmp_path / "bad.pth"
     bad.write_text("x")
-    assert tool.main(["deformable_detr", str(bad), str(tmp_path / "other.pth")]) == 1
+    assert convert_and_report("deformable_detr", str(bad), str(tmp_path / "other.pth")) == 1
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "other.pth").exists()
 

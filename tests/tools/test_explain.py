@@ -1,16 +1,20 @@
-"""tools/explain.py: the attention views are drawn, from what the model really computed (hooks that
-change nothing), for every mode."""
+"""The explain views (tools/explain.py, `hybrid_detr.analysis.explain` and each mode's own view) are
+drawn from what the model really computed (hooks that change nothing), for every mode."""
 import os
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from PIL import Image
+from torchvision.ops import box_convert, box_iou
 
 from hybrid_detr.analysis import explain as views
 from hybrid_detr.data import register_synthetic_dataset
 from hybrid_detr.layers import ms_deform_attn
-from model_helpers import NUM_CLASSES, load_tool, synthetic_input, tiny_cfg
+from hybrid_detr.modeling.co_detr.explain import plot_co_detr
+from hybrid_detr.modeling.dac.explain import plot_dac
+from hybrid_detr.modeling.smca.explain import CrossAttentionInputs, plot_smca, smca_maps
+from model_helpers import synthetic_input, tiny_cfg
 
 
 def tiny_model(mode="deformable", **overrides):
@@ -93,15 +97,15 @@ def test_smca_view_recomputes_the_modules_attention(tmp_path):
     model, x = tiny_model("smca"), one_image()
     captured = views.run_and_capture(model, x)
     attn = model.decoder.layers[-1].cross_attn
-    with views._SMCACapture(attn) as cap, torch.no_grad():
+    with CrossAttentionInputs(attn) as cap, torch.no_grad():
         model([{"image": x["image"], "height": 96, "width": 128}])
     (query, _, memory, query_reference), _ = cap.args
-    maps = views.smca_maps(attn, query, memory, query_reference)
+    maps = smca_maps(attn, query, memory, query_reference)
     assert torch.allclose(maps["output"], cap.output, atol=1e-5)
     level = attn.levels[0]
     assert torch.allclose(maps["attention"][level].sum((-1, -2)), torch.ones(()), atol=1e-5)
     assert maps["prior"][level].max() <= 1.0
-    results = views.plot_smca(model, captured, x, views.display_image(x["image"]), str(tmp_path), top_k=2)
+    results = plot_smca(model, captured, x, views.display_image(x["image"]), str(tmp_path), top_k=2)
     assert len(results) == 2
     for r in results:
         assert_png(r["path"])
@@ -112,18 +116,22 @@ def test_dac_view_compares_o_and_c_decoders(tmp_path):
     captured = views.run_and_capture(model, x)
     gt = x["instances"]
     box = torch.tensor([0.5, 0.5, 0.3, 0.3])
-    result = views.plot_dac(model, captured, views.display_image(x["image"]), str(tmp_path / "dac.png"),
-                            box, int(gt.gt_classes[0]))
+    result = plot_dac(model, captured, views.display_image(x["image"]), str(tmp_path / "dac.png"),
+                      box, int(gt.gt_classes[0]))
     assert_png(result["path"])
     assert torch.equal(result["O"]["boxes"], captured.inference.output.boxes[-1, 0])
     # the C pass is the DAC branch's: its C queries through the decoder without self-attention
     branch = model.branches["dac"]
-    stub = views.BranchInputs(captured.inference.group, captured.inference.memory, captured.inference.output,
-                              None, None, None, None, model.decoder, None)
     with torch.no_grad():
-        c_out = model.decoder(branch.c_queries(stub), captured.inference.memory, skip_self_attn=True)
+        c_queries = branch.c_queries(captured.inference.group, captured.inference.output)
+        c_out = model.decoder(c_queries, captured.inference.memory, skip_self_attn=True)
     assert torch.equal(result["C"]["boxes"], c_out.boxes[-1, 0])
     assert not torch.equal(result["C"]["boxes"], result["O"]["boxes"])
+    # the scores are the matcher's: iou_weight * IoU + cls_weight * p(class of the object)
+    logits = c_out.logits[-1, 0]
+    iou = box_iou(box_convert(c_out.boxes[-1, 0], "cxcywh", "xyxy"), box_convert(box[None], "cxcywh", "xyxy"))[:, 0]
+    expected = branch.matcher.iou_weight * iou + branch.matcher.cls_weight * logits[:, int(gt.gt_classes[0])].sigmoid()
+    assert torch.allclose(result["C"]["score"], expected, atol=1e-6)
     for key in "OC":
         counts = result[key]["counts"]
         assert counts == sorted(counts, reverse=True) and counts[0] <= 20
@@ -133,8 +141,7 @@ def test_co_detr_view_draws_each_heads_positives(tmp_path):
     model, x = tiny_model("co_detr"), one_image()
     model.branches["co_detr"].eval()
     captured = views.run_and_capture(model, x)
-    result = views.plot_co_detr(model, captured, views.display_image(x["image"]), x["instances"],
-                                str(tmp_path / "co.png"))
+    result = plot_co_detr(model, captured, views.display_image(x["image"]), x["instances"], str(tmp_path / "co.png"))
     assert_png(result["path"])
     assert set(result["positives"]) == set(model.branches["co_detr"].head_names)
     atss = result["positives"]["atss"]
@@ -143,20 +150,33 @@ def test_co_detr_view_draws_each_heads_positives(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["deformable+dac", "co_detr"])
-def test_explain_cli_on_a_dataset_image(mode, tmp_path, capsys):
+def test_explain_on_a_dataset_image(mode, tmp_path):
     name = "toolbox_explain_val"
     register_synthetic_dataset(name, "val", root=str(tmp_path / "data"), num_images=2, min_side=96, max_side=128)
     cfg = tiny_cfg(DECODER_MODE=mode, NUM_CLASSES=6)  # the synthetic set's classes
     cfg.DATASETS.TEST = (name,)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
-    explain = load_tool("explain")
-    explain.load_config = lambda *_: cfg.clone()
-    out = tmp_path / "out"
-    results = explain.main(["--config-file", "", "--dataset", name, "--index", "1", "--output", str(out),
-                            "--top", "2", "--pixel", "40", "50"])
-    printed = capsys.readouterr().out.split()
-    expected = {"decoder_sampling", "encoder_sampling"} | ({"dac"} if "dac" in mode else {"co_detr"})
-    assert set(results) == expected
-    for path in explain.paths(results):
-        assert path in printed and os.path.isfile(path)
+    results = views.explain_image(cfg, str(tmp_path / "out"), dataset=name, index=1, top_k=2, pixel=(40, 50))
+    # the generic views, then the view each mode of DECODER_MODE registered ("deformable" has none)
+    expected = ["decoder_sampling", "encoder_sampling"] + (["dac"] if "dac" in mode else ["co_detr"])
+    assert list(results) == expected and all(r is not None for r in results.values())
+    for path in views.paths(results):
+        assert os.path.isfile(path)
         assert_png(path, 200)
+
+
+def test_views_come_from_the_modes_and_say_when_they_do_not_apply(tmp_path):
+    assert {"decoder_sampling", "encoder_sampling", "smca", "dac", "co_detr"} <= set(views.view_names())
+    # deformable SMCA: the generic deformable views show its decoder, SMCA's dense-attention view does not apply
+    cfg = tiny_cfg(DECODER_MODE="smca")
+    cfg.MODEL.HYBRID_DETR.SMCA.DEFORMABLE = True
+    torch.manual_seed(0)
+    model, x = build_model(cfg).eval(), one_image()
+    results = views.explain(model, x, str(tmp_path / "smca"), top_k=1)
+    assert list(results) == ["decoder_sampling", "encoder_sampling", "smca"] and results["smca"] is None
+    # Co-DETR's view needs ground truth
+    model = tiny_model("co_detr")
+    no_gt = {k: v for k, v in x.items() if k != "instances"}
+    results = views.explain(model, no_gt, str(tmp_path / "co"), views=["co_detr"])
+    assert results == {"co_detr": None} and views.paths(results) == []
+    assert not os.listdir(tmp_path / "co")

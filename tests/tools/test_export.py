@@ -1,14 +1,16 @@
-"""tools/export.py: the inference model to ONNX (our op as GridSample, run in onnxruntime) and with
-torch.export (our op as torch.ops.hybrid_detr.ms_deform_attn), same detections as PyTorch."""
+"""The export of tools/export.py (`hybrid_detr.analysis.export`): the inference model to ONNX (our op
+as GridSample, run in onnxruntime) and with torch.export (our op as torch.ops.hybrid_detr.ms_deform_attn),
+same detections as PyTorch."""
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
-from hybrid_detr.analysis.export import InferenceGraph, preprocess_for_export
+from hybrid_detr.analysis.export import InferenceGraph, export_model, preprocess_for_export
+from hybrid_detr.analysis.inputs import build_trained_model
 from hybrid_detr.data import register_synthetic_dataset
-from hybrid_detr.layers import extension_available
-from model_helpers import load_tool, tiny_cfg
+from hybrid_detr.layers import MSDeformAttn, extension_available
+from model_helpers import tiny_cfg
 
 TOLERANCE = 1e-3
 
@@ -34,19 +36,14 @@ def export_cfg(mode, val_name):
     return cfg
 
 
-def trained_like_build(export):
-    """export.build, with weights in the box heads' last layers (untrained, they are zeros and the
-    boxes would not depend on the image)."""
-    build = export.build
-
-    def wrapped(cfg):
-        model = build(cfg)
-        with torch.no_grad():
-            for head in model.decoder.heads.box_heads:
-                head.layers[-1].weight.normal_(std=0.05)
-        return model
-
-    export.build = wrapped
+def trained_like_model(cfg):
+    """The config's model (as tools/export.py builds it), with weights in the box heads' last layers
+    (untrained, they are zeros and the boxes would not depend on the image)."""
+    model = build_trained_model(cfg)
+    with torch.no_grad():
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight.normal_(std=0.05)
+    return model
 
 
 def model_detections(model, image):
@@ -75,6 +72,9 @@ def test_inference_graph_equals_model_forward():
         assert torch.allclose(boxes[nonempty], expected[2], atol=1e-4)
         # the pure-PyTorch reference path (what ONNX exports) agrees with the op to float rounding
         assert torch.allclose(reference[0], scores, atol=1e-5) and torch.allclose(reference[2], boxes, atol=1e-3)
+    # the reference backend switches the modules for its forward only
+    attns = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    assert attns and not any(m.use_reference or m._reference_level_shapes is not None for m in attns)
 
 
 @pytest.mark.parametrize("mode", ["deformable", "dac", "co_detr", "smca"])
@@ -83,14 +83,10 @@ def test_onnx_matches_pytorch(mode, val_name, tmp_path, capsys):
     import onnx
     import onnxruntime  # noqa: F401
     import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
-    export = load_tool("export")
     cfg = export_cfg(mode, val_name)
     path = str(tmp_path / f"{mode}.onnx")
     torch.manual_seed(0)
-    args = ["--config-file", "", "--format", "onnx", "--output", path, "--check", "3"]
-    export.load_config = lambda *_: cfg.clone()  # the tiny config instead of a file
-    trained_like_build(export)
-    result = export.main(args)
+    result = export_model(cfg, trained_like_model(cfg), "onnx", path, check=3)
     with capsys.disabled():
         print(f"\n[onnx {mode}] max |difference| over 3 val images: {result}")
     assert result["scores"] <= TOLERANCE and result["boxes"] <= TOLERANCE and result["labels_equal"]
@@ -100,17 +96,13 @@ def test_onnx_matches_pytorch(mode, val_name, tmp_path, capsys):
         assert {"MatMul", "Softmax"} <= ops
     else:
         assert "GridSample" in ops
-    assert f"-> onnx: {path}" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not extension_available(), reason="needs the compiled op (hybrid_detr._C)")
 def test_torch_export_keeps_our_op(val_name, tmp_path):
-    export = load_tool("export")
     cfg = export_cfg("deformable", val_name)
     path = str(tmp_path / "model.pt2")
-    export.load_config = lambda *_: cfg.clone()
-    trained_like_build(export)
-    result = export.main(["--config-file", "", "--format", "torch_export", "--output", path, "--check", "3"])
+    result = export_model(cfg, trained_like_model(cfg), "torch_export", path, check=3)
     assert result["scores"] <= TOLERANCE and result["boxes"] <= TOLERANCE and result["labels_equal"]
     program = torch.export.load(path)
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}

@@ -1,11 +1,16 @@
-"""tools/plot_metrics.py: loss terms and AP over iterations from detectron2's metrics.json."""
+"""tools/plot_metrics.py (hybrid_detr.analysis.metrics): loss terms and AP over iterations from detectron2's
+metrics.json."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
 
-from hybrid_detr.analysis.metrics import ap_keys, loss_terms, read_metrics
-from model_helpers import load_tool
+from hybrid_detr.analysis.metrics import ap_keys, loss_terms, plot_metrics, read_metrics
+
+TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "plot_metrics.py")
 
 
 def write_metrics(path, iterations=60, eval_every=20):
@@ -39,11 +44,12 @@ def test_read_metrics_merges_and_skips_truncated(tmp_path):
     assert ap_keys(records) == ["bbox/AP", "bbox/AP50", "bbox/AP75"]
 
 
-def test_plot_metrics_writes_png(tmp_path, capsys):
+def test_plot_metrics_writes_png(tmp_path):
+    # The tool itself, as a user runs it (the installed package, no path set up for it): it prints the PNG's path.
     write_metrics(tmp_path / "metrics.json")
-    png = load_tool("plot_metrics").main([str(tmp_path)])
+    run = subprocess.run([sys.executable, TOOL, str(tmp_path)], capture_output=True, text=True, check=True)
+    png = run.stdout.strip()
     assert png == str(tmp_path / "metrics.png")
-    assert capsys.readouterr().out.strip() == png
     image = Image.open(png)
     assert image.format == "PNG" and image.size == (1600, 500)
     assert np.asarray(image.convert("L")).std() > 10  # something is drawn
@@ -53,5 +59,5 @@ def test_plot_metrics_without_evaluation(tmp_path):
     with open(tmp_path / "metrics.json", "w") as f:
         for it in range(3):
             f.write(json.dumps({"iteration": it, "total_loss": 3.0 - it, "loss_class": 1.0}) + "\n")
-    png = load_tool("plot_metrics").main([str(tmp_path / "metrics.json"), "--output", str(tmp_path / "c.png")])
+    png = plot_metrics(str(tmp_path / "metrics.json"), str(tmp_path / "c.png"))
     assert Image.open(png).size == (1600, 500)

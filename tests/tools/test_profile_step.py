@@ -1,7 +1,17 @@
-"""tools/profile_step.py: every part of a training step is timed, the op's share measured."""
-from model_helpers import load_tool, synthetic_batch, tiny_cfg
+"""tools/profile_step.py (hybrid_detr.analysis.step_profile): every part of a training step is timed, the op's
+share measured; the step is the trainer's (hybrid_detr.analysis.training_step)."""
+import copy
 
-profile_step = load_tool("profile_step")
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from hybrid_detr.analysis import step_profile as profile_step
+from hybrid_detr.analysis.training_step import TrainingStep
+from hybrid_detr.engine import build_optimizer
+from hybrid_detr.engine.mixed_precision import build_step_runner
+from model_helpers import synthetic_batch, tiny_cfg
 
 
 def test_parts_of_a_dac_step_are_timed():
@@ -41,3 +51,57 @@ def test_matmuls_padding_and_the_dense_bound_are_reported():
     assert abs(result["padding_share"] - (1 - (96 * 128 + 80 * 100) / (2 * 96 * 128))) < 1e-9
     text = profile_step.format_profile(result)
     assert "matrix multiplies" in text and "at most" in text and "padding: 17.4%" in text
+
+
+def _the_trainers_step_and_ours(cfg, steps=2):
+    """The weights after `steps` steps of the trainer's own step runner, and after as many of TrainingStep,
+    from the same model on the same batches."""
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True  # the trainer's full-model clipping (unscaled first under AMP)
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = "full_model", 0.1
+    cfg.freeze()
+    torch.manual_seed(0)
+    theirs = build_model(cfg).train()
+    ours = copy.deepcopy(theirs)
+    batches = [synthetic_batch() for _ in range(steps)]
+    runner = build_step_runner(cfg, theirs, batches, build_optimizer(cfg, theirs))
+    step = TrainingStep(cfg, ours)
+    with EventStorage():
+        for batch in batches:
+            runner.run_step()
+            step(batch)
+    return theirs, ours, runner, step
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_the_step_is_the_trainers_step(amp):
+    # On the CPU, SOLVER.AMP is the trainer's bfloat16 autocast without a GradScaler.
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.ENABLED = amp
+    theirs, ours, _, step = _the_trainers_step_and_ours(cfg)
+    assert step.grad_scaler is None
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_amp_is_honoured():
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.freeze()
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    dtypes = []
+    model.neck.register_forward_hook(lambda _m, _args, out: dtypes.append(out[0][0].dtype))  # the first level's map
+    with EventStorage():
+        _, loss = TrainingStep(cfg, model).forward(synthetic_batch())
+    assert dtypes == [torch.bfloat16] and loss.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_step_is_the_trainers_step_with_its_grad_scaler_on_cuda():
+    cfg = tiny_cfg()
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.SOLVER.AMP.ENABLED = True
+    theirs, ours, runner, step = _the_trainers_step_and_ours(cfg)
+    assert step.grad_scaler is not None and step.grad_scaler.get_scale() == runner.grad_scaler.get_scale()
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):  # the op's backward adds atomically
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name

@@ -9,9 +9,8 @@ import difflib
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
-from .modeling.co_detr.config import add_co_detr_config
-from .modeling.dac.config import add_dac_config
-from .modeling.smca.config import add_smca_config
+from .modeling import modes  # noqa: F401  (importing the package registers every decoder mode)
+from .modeling.modes import add_mode_configs
 
 __all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config", "merge_overrides", "mode_spec_overrides"]
 
@@ -19,7 +18,8 @@ __all__ = ["add_hybrid_detr_config", "get_hybrid_detr_cfg", "load_config", "merg
 def add_hybrid_detr_config(cfg):
     cfg.MODEL.HYBRID_DETR = CN()
     model = cfg.MODEL.HYBRID_DETR
-    # "deformable" (baseline), "dac", "smca", "co_detr", or several joined by "+" ("smca+dac").
+    # A registered mode ("deformable" baseline, "dac", "smca", "dense", "co_detr", ...), or several
+    # joined by "+" ("smca+dac").
     model.DECODER_MODE = "deformable"
     model.NUM_CLASSES = 80
     model.IN_FEATURES = ["res3", "res4", "res5"]
@@ -66,10 +66,8 @@ def add_hybrid_detr_config(cfg):
     model.NMS_THRESH_TEST = 0.0
     model.NMS_PRE_TOPK_TEST = 10000
 
-    # Each paper's keys live next to its code.
-    add_dac_config(cfg)
-    add_smca_config(cfg)
-    add_co_detr_config(cfg)
+    # Each mode's keys live next to its code and come with its registration.
+    add_mode_configs(cfg)
     _add_solver_and_input_config(cfg)
 
 

@@ -9,56 +9,39 @@ image (and drops empty boxes). Inference never runs a training branch, so every 
 exports: deformable, dac, co_detr (deformable cross-attention) and smca (dense attention: MatMul,
 Softmax).
 
-The model's own forward keeps the level shapes as host ints (`LevelLayout.of_maps`), which would
-freeze the image size into an exported graph; `InferenceGraph` passes the model's `encode_levels` the
-same layout with the shapes left symbolic (`LevelLayout.of_maps(maps, symbolic=True)`) and otherwise
-calls the model's modules unchanged (tested equal to `HybridDETR.forward`).
+The graph is the model's own inference path: `HybridDETR.features`, `HybridDETR.transformer` and the
+top-k of `HybridDETR.inference` (`modeling.postprocess.top_k_detections`), with one difference: the
+model's own forward keeps the level shapes as host ints (`LevelLayout.of_maps`), which would freeze
+the image size into an exported graph, so `InferenceGraph` passes `transformer` the same layout with
+the shapes left symbolic (`LevelLayout.of_maps(maps, symbolic=True)`; tested equal to
+`HybridDETR.forward`).
 
 Our op:
 - ONNX (`backend="reference"`): every `MSDeformAttn` runs the pure-PyTorch reference
   (`ms_deform_attn_reference`: `grid_sample`, exported as ONNX GridSample, opset >= 16), fed the
-  level shapes of the current image, so the file runs in onnxruntime with no custom library;
+  layout's level shapes (`MSDeformAttn.reference_sampling`), so the file runs in onnxruntime with no
+  custom library;
 - `torch.export` (`backend="op"`): the compiled op stays as the registered custom op
   `torch.ops.hybrid_detr.ms_deform_attn` in the graph.
 """
 import contextlib
-from typing import Iterator, List, Optional
+import os
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from torchvision.ops import box_convert
 
 from ..layers import MSDeformAttn
-from ..layers.ms_deform_attn_func import ms_deform_attn_reference
-from ..modeling.token_layout import EncoderMemory, LevelLayout
+from ..modeling.postprocess import top_k_detections
+from ..modeling.token_layout import LevelLayout
+from .inputs import dataset_record, load_input
 
-__all__ = ["InferenceGraph", "preprocess_for_export", "export_onnx", "export_torch",
-           "ONNX_OUTPUTS", "ONNX_INPUTS"]
+__all__ = ["InferenceGraph", "preprocess_for_export", "export_onnx", "export_torch", "export_model",
+           "EXPORTERS", "example_images", "run_exported", "check_exported", "ONNX_OUTPUTS", "ONNX_INPUTS"]
 
 ONNX_INPUTS = ["image", "image_size"]
 ONNX_OUTPUTS = ["scores", "labels", "boxes"]
-
-
-@contextlib.contextmanager
-def _reference_sampling(model: nn.Module, shapes_holder: List) -> Iterator[None]:
-    """Every MSDeformAttn of `model` samples with the pure-PyTorch reference, given the level
-    shapes of the current forward (`shapes_holder[0]`) rather than reading them from the device."""
-    patched = []
-    for module in model.modules():
-        if isinstance(module, MSDeformAttn):
-
-            def sample(value, spatial_shapes, level_start_index, locations, weights, _m=module):
-                dtype = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
-                value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
-                return ms_deform_attn_reference(value, shapes_holder[0], locations, weights)
-
-            module.sample = sample
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.sample
 
 
 class InferenceGraph(nn.Module):
@@ -75,13 +58,6 @@ class InferenceGraph(nn.Module):
         self.model = model
         self.backend = backend
         self.num_detections = num_detections or model.detections_per_image
-        self._shapes: List = [None]
-
-    def encode(self, maps, masks, positions) -> EncoderMemory:
-        """`HybridDETR.encode_levels` with the level shapes kept symbolic (exported dynamic sizes)."""
-        layout = LevelLayout.of_maps(maps, symbolic=True)
-        self._shapes[0] = [list(s) for s in layout.shapes]  # for the reference sampling
-        return self.model.encode_levels(maps, masks, positions, layout)
 
     def forward(self, image: torch.Tensor, image_size: torch.Tensor):
         m = self.model
@@ -89,21 +65,18 @@ class InferenceGraph(nn.Module):
         ys = torch.arange(height, device=image.device)
         xs = torch.arange(width, device=image.device)
         padding_mask = ((ys[:, None] >= image_size[0]) | (xs[None, :] >= image_size[1]))[None]
-        context = _reference_sampling(m, self._shapes) if self.backend == "reference" else contextlib.nullcontext()
-        with context:
-            memory = self.encode(*m.features(image, padding_mask))
-            queries, _ = m.query_source(memory)
-            logits, boxes = m.decoder(queries, memory).layer(-1)
-        logits, boxes = logits[0], boxes[0]
-        q, k = logits.shape
-        scores, flat_index = logits.sigmoid().flatten().topk(min(self.num_detections, q * k))
-        query_index = torch.div(flat_index, k, rounding_mode="floor")
-        labels = flat_index % k
+        maps, masks, positions = m.features(image, padding_mask)
+        layout = LevelLayout.of_maps(maps, symbolic=True)  # the image size stays dynamic
+        sampling = (MSDeformAttn.reference_sampling(m, layout.shapes) if self.backend == "reference"
+                    else contextlib.nullcontext())
+        with sampling:
+            _, _, _, one_to_one = m.transformer(maps, masks, positions, layout)
+        scores, labels, boxes, _ = top_k_detections(*one_to_one.layer(-1), self.num_detections)
         size = image_size.to(boxes.dtype)
         scale = torch.stack((size[1], size[0], size[1], size[0]))
-        xyxy = box_convert(boxes[query_index], "cxcywh", "xyxy") * scale
+        xyxy = box_convert(boxes[0], "cxcywh", "xyxy") * scale
         xyxy = torch.minimum(xyxy.clamp(min=0), scale)  # detector_postprocess clips to the image
-        return scores, labels, xyxy
+        return scores[0], labels[0], xyxy
 
 
 def preprocess_for_export(model: nn.Module, image: torch.Tensor):
@@ -141,3 +114,50 @@ def export_onnx(model: nn.Module, example_image: torch.Tensor, path: str, opset:
             output_names=ONNX_OUTPUTS, dynamic_shapes=_dynamic_shapes(), external_data=False, optimize=optimize,
         )
     return program
+
+
+EXPORTERS = {"onnx": export_onnx, "torch_export": export_torch}
+
+
+def example_images(cfg, count: int) -> List[torch.Tensor]:
+    """The first `count` images of the config's first test set, as the model sees them."""
+    name = cfg.DATASETS.TEST[0]
+    return [load_input(cfg, record=dataset_record(name, i))["image"] for i in range(count)]
+
+
+def run_exported(fmt: str, path: str, inputs):
+    """The exported file's outputs (scores, labels, boxes) as torch tensors, for the graph's inputs."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"image": inputs[0].numpy(), "image_size": inputs[1].numpy()})
+        return [torch.as_tensor(o) for o in outputs]
+    program = torch.export.load(path)
+    with torch.no_grad():
+        return list(program.module()(*inputs))
+
+
+def check_exported(model: nn.Module, fmt: str, path: str, images) -> Dict:
+    """Largest |difference| of scores and boxes (and label agreement) between the exported file and
+    the PyTorch model (`InferenceGraph` with the compiled op), over `images` (mapper images)."""
+    graph = InferenceGraph(model).eval()
+    worst = {"scores": 0.0, "boxes": 0.0, "labels_equal": True}
+    for image in images:
+        inputs = preprocess_for_export(model, image)
+        with torch.no_grad():
+            expected = graph(*inputs)
+        got = run_exported(fmt, path, inputs)
+        worst["scores"] = max(worst["scores"], (got[0] - expected[0]).abs().max().item())
+        worst["boxes"] = max(worst["boxes"], (got[2] - expected[2]).abs().max().item())
+        worst["labels_equal"] &= bool(torch.equal(got[1].long(), expected[1]))
+    return worst
+
+
+def export_model(cfg, model: nn.Module, fmt: str, path: str, check: int = 0) -> Optional[Dict]:
+    """Exports `model` (built from `cfg`) to `path` in format `fmt` ("onnx" or "torch_export"), traced
+    on the first image of the config's test set; with `check` > 0, compares the file with PyTorch on
+    the first `check` test images (`check_exported`'s result; None without)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    EXPORTERS[fmt](model.eval(), example_images(cfg, 1)[0], path)
+    return check_exported(model, fmt, path, example_images(cfg, check)) if check else None

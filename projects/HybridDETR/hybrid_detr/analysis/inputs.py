@@ -1,16 +1,31 @@
-"""One image as the model sees it: a file, or a dataset record with its ground truth, through the
-config's test-time resize (`DetrDatasetMapper(cfg, is_train=False)`'s augmentation)."""
-from typing import Dict, Optional
+"""What the tools feed the model: the trained model of a config, and one image as the model sees it
+(a file, or a dataset record with its ground truth, through the config's test-time resize:
+`DetrDatasetMapper(cfg, is_train=False)`'s augmentation)."""
+import os
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.modeling import build_model
 
 from ..data import build_detr_augmentation, ensure_synthetic_dataset
 
-__all__ = ["load_input", "dataset_record"]
+__all__ = ["InputError", "build_trained_model", "load_input", "dataset_record", "resolve_input", "metadata_of"]
+
+
+class InputError(ValueError):
+    """An image that cannot be found (the tools print the message and exit)."""
+
+
+def build_trained_model(cfg) -> torch.nn.Module:
+    """The model of `cfg` with its MODEL.WEIGHTS, in eval mode."""
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
 
 
 def dataset_record(name: str, index: int) -> Dict:
@@ -48,3 +63,27 @@ def load_input(cfg, path: Optional[str] = None, record: Optional[Dict] = None) -
         ]
         out["instances"] = utils.annotations_to_instances(annotations, resized.shape[:2])
     return out
+
+
+def resolve_input(cfg, image: Optional[str] = None, dataset: Optional[str] = None,
+                  index: int = 0) -> Tuple[Dict, Optional[str]]:
+    """The input dict of record `index` of `dataset` (with its ground truth), or of `image`: an image
+    file, or an image id of DATASETS.TEST[0] (with its ground truth). Also returns the dataset the
+    image belongs to (the file's: DATASETS.TEST[0], for the class names; None without one)."""
+    if dataset is not None or (image is not None and not os.path.exists(image) and image.isdigit()):
+        name = dataset or cfg.DATASETS.TEST[0]
+        if dataset is None:
+            ensure_synthetic_dataset(name)
+            ids = [r["image_id"] for r in DatasetCatalog.get(name)]
+            if int(image) not in ids:
+                raise InputError(f"{image} is neither a file nor an image id of {name}")
+            index = ids.index(int(image))
+        return load_input(cfg, record=dataset_record(name, index)), name
+    if image is None:
+        raise InputError("give --input IMAGE (or an image id), or --dataset NAME --index I")
+    return load_input(cfg, path=image), (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+
+
+def metadata_of(dataset: Optional[str]):
+    """The dataset's Metadata (its class names), or None."""
+    return MetadataCatalog.get(dataset) if dataset else None

@@ -131,4 +131,8 @@ def build_resumable_train_loader(dataset_dicts, mapper, total_batch_size, seed, 
         # Each worker would otherwise start from a copy of the parent's RNG; samples are seeded anyway.
         worker_init_fn=None,
         persistent_workers=False,
+        # `iter(loader)` draws its workers' base seed from this generator instead of torch's global
+        # RNG, so creating the iterator (lazily, inside a training step) leaves the model-side
+        # randomness the trainer seeds per iteration untouched.
+        generator=torch.Generator().manual_seed(sample_seed(seed, 0x17E4)),
     )

@@ -8,8 +8,10 @@ pycocotools, a hang in a data-loader worker, or a silently wrong loss).
   sticking out by at most 10% of the side is clipped by the mapper, with one warning per
   dataset; further out is refused), category ids in [0, num_classes), unique image ids;
 - `check_image_files`: every image exists, is a readable image of the size the annotations say,
-  and is not truncated (checked in parallel over the distributed workers);
-- `load_checked_dataset_dicts`: all of the above for a registered dataset.
+  and is not truncated (checked in parallel over the distributed workers).
+
+`hybrid_detr.data.checked.load_checked_dataset_dicts` runs all of them on a registered dataset. This
+module knows no registry (it is imported by `registration`, never the other way round).
 """
 import json
 import logging
@@ -19,11 +21,10 @@ import os
 
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-__all__ = ["check_image_files", "load_checked_dataset_dicts", "validate_coco_json", "validate_dataset_dicts"]
+__all__ = ["check_image_files", "validate_coco_json", "validate_dataset_dicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,49 +221,3 @@ def check_image_files(dataset_dicts, dataset_name):
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(problems[0])
-
-
-def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, check_images=True):
-    """The dicts of a registered dataset, after every check above; images without annotations are
-    dropped when `filter_empty` (detectron2's DATALOADER.FILTER_EMPTY_ANNOTATIONS)."""
-    from .registration import ensure_synthetic_dataset
-
-    if dataset_name not in DatasetCatalog.list():
-        registered = ", ".join(sorted(DatasetCatalog.list()))
-        raise KeyError(f"Dataset '{dataset_name}' is not registered; registered: {registered}")
-    ensure_synthetic_dataset(dataset_name)
-    json_file = MetadataCatalog.get(dataset_name).get("json_file")
-    if json_file:
-        # Parsed once, by worker 0 (a COCO train JSON is ~0.5 GB); every worker raises its error.
-        problem = None
-        if comm.get_rank() == 0:
-            try:
-                validate_coco_json(json_file, dataset_name)
-            except ValueError as e:
-                problem = str(e)
-        if comm.get_world_size() > 1:
-            problem = next((p for p in comm.all_gather(problem) if p), None)
-        if problem:
-            raise ValueError(problem)
-    try:
-        dicts = DatasetCatalog.get(dataset_name)
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"Dataset '{dataset_name}' could not be loaded: {type(e).__name__}: {e}") from e
-    if not dicts:
-        raise ValueError(f"Dataset '{dataset_name}' is empty")
-    validate_dataset_dicts(dicts, num_classes, dataset_name)
-    if filter_empty:
-        kept = [d for d in dicts if any(not a.get("iscrowd", 0) for a in d.get("annotations", ()))]
-        if not kept:
-            raise ValueError(
-                f"Dataset '{dataset_name}' has no image with (non-crowd) annotations; to train on images "
-                f"without objects set DATALOADER.FILTER_EMPTY_ANNOTATIONS False"
-            )
-        if len(kept) < len(dicts):
-            logger.info(f"Dataset '{dataset_name}': dropped {len(dicts) - len(kept)} images without annotations")
-        dicts = kept
-    if check_images:
-        check_image_files(dicts, dataset_name)
-    return dicts

@@ -14,14 +14,11 @@ from collections import Counter
 
 import torch
 
+from ..analysis.measurement import synchronize
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["measure_inference_speed", "count_flops", "benchmark_model", "format_benchmark"]
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _model_device(model):
@@ -64,10 +61,10 @@ def measure_inference_speed(model, data_loader, num_warmup=5, max_images=50):
         for idx, inputs in enumerate(data_loader):
             if images >= max_images:
                 break
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             model(inputs)
-            _synchronize(device)
+            synchronize(device)
             if idx >= num_warmup:
                 elapsed += time.perf_counter() - start
                 images += len(inputs)

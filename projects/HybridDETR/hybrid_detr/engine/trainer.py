@@ -10,8 +10,13 @@ Differences from DefaultTrainer, each for a reason:
 - atomic checkpoints and clear errors on bad weights (`hybrid_detr.checkpoint`);
 - metrics.json / TensorBoard without repeated iterations after a resume (`engine.hooks`);
 - training stops at the first non-finite loss on any worker (`engine.hooks.NonFiniteLossGuard`);
-- datasets and config are checked before the first step (`hybrid_detr.data.validation`,
+- datasets and config are checked before the first step (`hybrid_detr.data.checked`,
   `engine.checks`).
+
+No detectron2 object is patched after it is built: `build_hooks` builds DefaultTrainer's hooks with
+our choices through their public constructors. Two of DefaultTrainer's own attributes are set as its
+`__init__` / `build_hooks` set them, for its `run_step` / `train` to read: `self._trainer` (the step
+runner) and `self._last_eval_results` (see `_evaluate_and_keep_results`).
 """
 import itertools
 import json
@@ -25,11 +30,12 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
 
 from ..checkpoint import HybridCheckpointer
 from ..data import DetrDatasetMapper, ensure_synthetic_dataset
 from ..data.loader import build_resumable_train_loader, sample_seed, seed_all
-from ..data.validation import load_checked_dataset_dicts
+from ..data.checked import load_checked_dataset_dicts
 from .model_analysis import benchmark_model, format_benchmark
 from .checks import check_config
 from .ema import EMAHook, ModelEMA
@@ -97,32 +103,56 @@ class Trainer(DefaultTrainer):
 
     def run_step(self):
         # Model-side randomness (dropout, DAC's random cap, R-CNN sampling) is a function of the
-        # iteration. The loader's iterator is made first: creating it draws from torch's RNG.
-        self._trainer._data_loader_iter  # noqa: B018
+        # iteration. (Creating the loader's iterator in the first step draws from the loader's own
+        # generator, not from this seeded RNG: see `build_resumable_train_loader`.)
         seed_all(sample_seed(self.seed, 0x57E9, self.iter, comm.get_rank()))
         super().run_step()
 
     # -- hooks and writers ------------------------------------------------------------------------
     def build_hooks(self):
-        ret = super().build_hooks()
-        writer_hooks = [h for h in ret if isinstance(h, hooks.PeriodicWriter)]
-        # The files (not the console printer, whose ETA needs one write per iteration) are flushed
-        # before each checkpoint.
-        writers = writer_hooks[0]._writers if writer_hooks else []
-        writers = [w for w in writers if not isinstance(w, CommonMetricPrinter)]
-        for h in writer_hooks:
-            h._period = self.WRITER_PERIOD
-        for i, h in enumerate(ret):
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = FlushingPeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, writers)
+        """DefaultTrainer's hooks, in its order, built with our choices:
+
+        - the EMA update (MODEL_EMA.ENABLED) right after the step, before anything that saves or
+          evaluates the model;
+        - a checkpointer that first writes and flushes the file writers (not the console printer,
+          whose ETA needs one write per iteration), so a checkpoint's metrics are on disk with it;
+        - evaluation on the EMA weights when there are any;
+        - the writers every `WRITER_PERIOD` iterations.
+        """
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2: save memory and time for PreciseBN
+        main = comm.is_main_process()
+        writers = self.build_writers() if main else []
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
         if self.model_ema is not None:
-            # Updated right after the step (before the checkpointer and evaluation hooks run);
-            # evaluation runs on the EMA weights.
-            ret.insert(2, EMAHook(self.model_ema, self.model))
-            for h in ret:
-                if isinstance(h, hooks.EvalHook):
-                    h._func = self._with_ema(h._func)
+            ret.append(EMAHook(self.model_ema, self.model))
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            # Before the checkpointer, which saves the statistics it updates.
+            ret.append(hooks.PreciseBN(
+                cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
+            ))
+        if main:
+            files = [w for w in writers if not isinstance(w, CommonMetricPrinter)]
+            ret.append(FlushingPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, files))
+        evaluate = self._evaluate_and_keep_results
+        if self.model_ema is not None:
+            evaluate = self._with_ema(evaluate)
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate))
+        if main:
+            # Last, so that the evaluation metrics are written too.
+            ret.append(hooks.PeriodicWriter(writers, period=self.WRITER_PERIOD))
         return ret
+
+    def _evaluate_and_keep_results(self):
+        """DefaultTrainer's evaluation function: `test`, its results kept for `train()`.
+
+        The adapter to detectron2's one private name here: DefaultTrainer.train() checks
+        TEST.EXPECTED_RESULTS against `self._last_eval_results`, which only the evaluation function
+        of DefaultTrainer.build_hooks sets and which detectron2 offers no public way to set.
+        """
+        self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     def _with_ema(self, evaluate):
         def evaluate_ema():

@@ -8,8 +8,9 @@ The forward is split into steps so that a subclass can change one of them:
     5. `output_proj`
 (SMCA adds a Gaussian log-prior to the logits between steps 2 and 3.)
 """
+import contextlib
 import math
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -121,8 +122,31 @@ class MSDeformAttn(nn.Module):
             value = value.to(coords)
         locations, weights = locations.to(coords), weights.to(coords)
         if self.use_reference:
-            return ms_deform_attn_reference(value, spatial_shapes, locations, weights)
+            shapes = spatial_shapes if self._reference_level_shapes is None else self._reference_level_shapes
+            return ms_deform_attn_reference(value, shapes, locations, weights)
         return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+
+    # The level shapes the reference uses while `reference_sampling` is active (None: `spatial_shapes`).
+    _reference_level_shapes = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def reference_sampling(cls, root: nn.Module, level_shapes: Sequence[Tuple[int, int]]) -> Iterator[None]:
+        """While active, every MSDeformAttn of `root` samples with the pure-PyTorch reference, given
+        the level shapes `level_shapes` ((H, W) per level, finest first) rather than reading its
+        `spatial_shapes` tensor back to the host: exported graphs pass the maps' own (symbolic) sizes,
+        so that the reference (standard operators: ONNX GridSample) keeps the image size dynamic.
+        Each module's `use_reference` is restored on exit."""
+        modules = [module for module in root.modules() if isinstance(module, cls)]
+        saved = [module.use_reference for module in modules]
+        for module in modules:
+            module.use_reference, module._reference_level_shapes = True, level_shapes
+        try:
+            yield
+        finally:
+            for module, use_reference in zip(modules, saved):
+                module.use_reference = use_reference
+                del module._reference_level_shapes
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(

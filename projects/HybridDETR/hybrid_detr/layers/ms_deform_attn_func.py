@@ -1,6 +1,7 @@
 """Multi-scale deformable attention: the op, its pure-PyTorch reference and its registrations.
 
-The compiled op lives in `hybrid_detr._C` (sources in `csrc/`), registered with the dispatcher as
+The compiled op lives in `hybrid_detr.layers._C` (sources in `csrc/`; `hybrid_detr._C` names the same
+module), registered with the dispatcher as
 `torch.ops.hybrid_detr.ms_deform_attn` (forward) and `torch.ops.hybrid_detr._ms_deform_attn_backward`.
 Its autograd kernel is registered in C++ (so autograd works from C++ and TorchScript too); this file
 adds the fake (meta) kernels that `torch.compile` and `torch.library.opcheck` need, and fvcore handles.
@@ -37,7 +38,7 @@ BUILD_HINT = (
 )
 
 try:  # loading the library registers torch.ops.hybrid_detr.*
-    from hybrid_detr import _C  # noqa: F401
+    from . import _C  # noqa: F401  (this package's own extension: the op layer needs torch alone)
 
     _IMPORT_ERROR: Optional[BaseException] = None
 except (ImportError, OSError) as e:  # pragma: no cover - depends on the build
@@ -50,7 +51,7 @@ _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def extension_available() -> bool:
-    """True when `hybrid_detr._C` (the compiled MSDeformAttn op) is loaded."""
+    """True when `hybrid_detr.layers._C` (the compiled MSDeformAttn op) is loaded."""
     return _C is not None
 
 
@@ -77,9 +78,9 @@ def _warn_fallback(value: torch.Tensor) -> None:
         return
     _warned.add(key)
     if _C is None:
-        reason = f"the compiled extension hybrid_detr._C is missing ({_IMPORT_ERROR}); {BUILD_HINT}"
+        reason = f"the compiled extension hybrid_detr.layers._C is missing ({_IMPORT_ERROR}); {BUILD_HINT}"
     elif value.device.type == "cuda" and not _cuda_kernels_built():
-        reason = f"hybrid_detr._C was built without CUDA kernels; {BUILD_HINT}"
+        reason = f"hybrid_detr.layers._C was built without CUDA kernels; {BUILD_HINT}"
     else:
         reason = f"the compiled op has no kernel for device={value.device.type}, dtype={value.dtype}"
     msg = f"MSDeformAttn falls back to the slow pure-PyTorch reference: {reason}"

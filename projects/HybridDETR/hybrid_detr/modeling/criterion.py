@@ -14,26 +14,53 @@ from .matcher import Assignment
 from .transformer import DecoderOutput
 
 
+class MatchedPairs(NamedTuple):
+    """The (query, gt) pairs an `Assignment` names, with what every loss needs of them."""
+
+    assignment: Assignment
+    labels: torch.Tensor  # (P,) class of each pair's gt
+    gt_id: torch.Tensor  # (P,) the pair's gt numbered over the batch (pairs of one gt share it)
+    pred_boxes: torch.Tensor  # (P, 4) cxcywh
+    gt_boxes: torch.Tensor  # (P, 4) cxcywh
+    onehot: torch.Tensor  # (N, Q, K) 1 at (image, query, gt class) of every pair
+    # (N, Q) True on padding queries, which the classification loss leaves out (None: none).
+    padding_mask: Optional[torch.Tensor] = None
+
 
 class ClassLoss(NamedTuple):
     """What a classification loss returns."""
 
     value: torch.Tensor  # the (normalised, unweighted) classification loss
-    # (P,) weight of each assigned pair's L1 and GIoU losses; None weights every pair 1
+    # (P,) weight of each pair's L1 and GIoU losses; None weights every pair 1
     pair_weight: Optional[torch.Tensor] = None
 
 
-# (logits (N, Q, K), one-hot targets (N, Q, K), assignment, matched predicted boxes (P, 4),
-#  matched gt boxes (P, 4), normaliser) -> ClassLoss
-ClassificationLoss = Callable[..., ClassLoss]
+# (logits (N, Q, K), pairs: MatchedPairs, normaliser) -> ClassLoss
+ClassificationLoss = Callable[[torch.Tensor, MatchedPairs, float], ClassLoss]
 
 
 @dataclass(frozen=True)
 class ClassificationLossSpec:
-    """A classification loss in place of the criterion's focal loss, with its own weight."""
+    """A classification loss and its weight (built once, with the model)."""
 
-    build: Callable[[List[Dict[str, torch.Tensor]]], ClassificationLoss]  # a step's targets -> the loss
+    loss: ClassificationLoss
     weight: float
+
+
+class FocalLoss:
+    """Sigmoid focal loss over every (query, class) entry that is not padding, summed and divided
+    by the normaliser (Deformable DETR's `sigmoid_focal_loss` x num_queries / num_queries)."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0):
+        self.alpha, self.gamma = alpha, gamma
+
+    def __call__(self, logits, pairs: MatchedPairs, normalizer) -> ClassLoss:
+        if pairs.padding_mask is None:
+            loss = sigmoid_focal_loss(logits, pairs.onehot, self.alpha, self.gamma, reduction="sum")
+        else:
+            focal = sigmoid_focal_loss(logits, pairs.onehot, self.alpha, self.gamma, reduction="none")
+            loss = (focal * (~pairs.padding_mask)[..., None]).sum()
+        return ClassLoss(loss / normalizer)
 
 
 def mean_across_workers(value: torch.Tensor) -> torch.Tensor:
@@ -52,18 +79,27 @@ def num_boxes_across_workers(targets: List[Dict[str, torch.Tensor]], device) -> 
 
 
 class DetectionCriterion(nn.Module):
-    def __init__(self, num_classes, focal_alpha=0.25, focal_gamma=2.0, class_weight=2.0, l1_weight=5.0, giou_weight=2.0):
+    """`classification` is the decoder's classification loss (a mode's one-to-one loss; None:
+    focal with CLASS_WEIGHT); `focal` is always available for the losses that keep it."""
+
+    def __init__(
+        self,
+        num_classes,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        class_weight=2.0,
+        l1_weight=5.0,
+        giou_weight=2.0,
+        classification: Optional[ClassificationLossSpec] = None,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
-        self.class_weight = class_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
-
-    def focal_loss(self, logits, onehot, assignment, pred_boxes, gt_boxes, normalizer):
-        loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
-        return ClassLoss(loss / normalizer)
+        self.focal = ClassificationLossSpec(FocalLoss(focal_alpha, focal_gamma), class_weight)
+        self.classification = classification if classification is not None else self.focal
 
     def forward(
         self,
@@ -72,41 +108,43 @@ class DetectionCriterion(nn.Module):
         targets: List[Dict[str, torch.Tensor]],
         assignment: Assignment,
         normalizer: float,
-        classification_loss: Optional[ClassificationLoss] = None,
-        class_weight: Optional[float] = None,
+        classification: Optional[ClassificationLossSpec] = None,
+        padding_mask: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Weighted losses {loss_class, loss_bbox, loss_giou} of one prediction set; the
-        classification loss is focal unless given, weighted by `class_weight` or CLASS_WEIGHT."""
+        classification loss is `classification` (default: the criterion's), padding queries
+        (`padding_mask` (N, Q)) left out."""
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[-1]} classes, the criterion expects {self.num_classes}")
+        classification = classification if classification is not None else self.classification
         logits, boxes = logits.float(), boxes.float()  # losses in float32, also under autocast
-        gt_labels, gt_boxes = self.matched_targets(targets, assignment)
-        onehot = torch.zeros_like(logits)
-        onehot[assignment.batch_index, assignment.query_index, gt_labels] = 1.0
-        pred_boxes = boxes[assignment.batch_index, assignment.query_index]
-        classification_loss = classification_loss or self.focal_loss
-        loss_class, pair_weight = classification_loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer)
+        pairs = self.matched_pairs(logits, boxes, targets, assignment, padding_mask)
+        loss_class, pair_weight = classification.loss(logits, pairs, normalizer)
         # Sums over P pairs: with no objects in the batch they are a true zero, still in the graph.
-        l1 = F.l1_loss(pred_boxes, gt_boxes, reduction="none").sum(-1)
+        l1 = F.l1_loss(pairs.pred_boxes, pairs.gt_boxes, reduction="none").sum(-1)
         giou = generalized_box_iou_loss(
-            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), reduction="none"
+            box_convert(pairs.pred_boxes, "cxcywh", "xyxy"), box_convert(pairs.gt_boxes, "cxcywh", "xyxy"), reduction="none"
         )
         if pair_weight is not None:
             l1, giou = l1 * pair_weight, giou * pair_weight
         return {
-            "loss_class": (self.class_weight if class_weight is None else class_weight) * loss_class,
+            "loss_class": classification.weight * loss_class,
             "loss_bbox": self.l1_weight * l1.sum() / normalizer,
             "loss_giou": self.giou_weight * giou.sum() / normalizer,
         }
 
     @staticmethod
-    def matched_targets(targets, assignment: Assignment):
-        """Labels (P,) and boxes (P, 4) of the gt objects the assignment names."""
+    def matched_pairs(logits, boxes, targets, assignment: Assignment, padding_mask=None) -> MatchedPairs:
+        """The pairs of `assignment`: their gt labels, batch-wide gt ids and boxes, the predicted
+        boxes and the one-hot classification target (N, Q, K)."""
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets], device=assignment.gt_index.device)
-        flat_index = offsets.cumsum(0)[assignment.batch_index] + assignment.gt_index
-        gt_labels = torch.cat([t["labels"] for t in targets])[flat_index]
-        gt_boxes = torch.cat([t["boxes"] for t in targets])[flat_index]
-        return gt_labels, gt_boxes
+        gt_id = offsets.cumsum(0)[assignment.batch_index] + assignment.gt_index
+        labels = torch.cat([t["labels"] for t in targets])[gt_id]
+        gt_boxes = torch.cat([t["boxes"] for t in targets])[gt_id]
+        onehot = torch.zeros_like(logits)
+        onehot[assignment.batch_index, assignment.query_index, labels] = 1.0
+        pred_boxes = boxes[assignment.batch_index, assignment.query_index]
+        return MatchedPairs(assignment, labels, gt_id, pred_boxes, gt_boxes, onehot, padding_mask)
 
     def decoder_losses(
         self,
@@ -116,26 +154,22 @@ class DetectionCriterion(nn.Module):
         normalizer: float,
         prefix: str = "",
         aux_loss: bool = True,
-        classification_loss: Optional[ClassificationLoss] = None,
         classification: Optional[ClassificationLossSpec] = None,
     ) -> Dict[str, torch.Tensor]:
         """Losses of every decoder layer (the last only without `aux_loss`).
 
-        `assign(layer, logits, boxes)` gives that layer's assignment. The classification loss is
-        focal (CLASS_WEIGHT), or `classification_loss` (CLASS_WEIGHT), or a mode's `classification`
-        spec (its loss for these targets, its weight). Names are `{prefix}loss_class` for the last
-        layer and `{prefix}loss_class_{layer}` for the others.
+        `assign(layer, logits, boxes)` gives that layer's assignment; the classification loss is
+        `classification` (default: the criterion's); the outputs' padding queries are left out.
+        Names are `{prefix}loss_class` for the last layer and `{prefix}loss_class_{layer}` for the
+        others.
         """
-        class_weight = None
-        if classification is not None:
-            classification_loss, class_weight = classification.build(targets), classification.weight
         last = outputs.num_layers - 1
         losses = {}
         for layer in range(last + 1) if aux_loss else [last]:
             logits, boxes = outputs.layer(layer)
             assignment = assign(layer, logits, boxes)
             suffix = "" if layer == last else f"_{layer}"
-            layer_losses = self(logits, boxes, targets, assignment, normalizer, classification_loss, class_weight)
+            layer_losses = self(logits, boxes, targets, assignment, normalizer, classification, outputs.padding_mask)
             for name, value in layer_losses.items():
                 losses[f"{prefix}{name}{suffix}"] = value
         return losses

@@ -4,7 +4,8 @@ images -> backbone -> neck -> deformable encoder -> queries (learned or two-stag
 -> training: one-to-one losses + each mode's branch losses; inference: top-k -> Instances.
 
 The host knows the modes only through the contract in `modes.py`: the decoder mode builds each
-decoder layer's cross-attention and the training branches.
+decoder layer's cross-attention, the decoder's classification loss, the main-pass hooks (query
+groups that join the one-to-one pass) and the training branches (passes of their own).
 """
 from typing import Dict, List, Optional
 
@@ -18,8 +19,10 @@ from detectron2.structures import Boxes, ImageList, Instances
 from .box_ops import normalized_targets
 from .criterion import DetectionCriterion, num_boxes_across_workers
 from .matcher import HungarianMatcher
-from .modes import BranchInputs, parse_decoder_mode
+from .modes import BranchInputs, ExtraQueries, MainPassInputs, parse_decoder_mode
 from .neck import MultiScaleNeck, backbone_levels
+from .postprocess import top_k_detections
+from .query_groups import concat_groups, split_decoder_output
 from .token_layout import EncoderMemory, LevelLayout, valid_ratios
 from .transformer import (
     DecoderOutput,
@@ -76,10 +79,11 @@ class HybridDETR(nn.Module):
 
         self.matcher = HungarianMatcher(m.COST_CLASS, m.COST_BBOX, m.COST_GIOU, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
         self.criterion = DetectionCriterion(
-            m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT
+            m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT,
+            classification=self.mode.build_one_to_one_classification(cfg),
         )
+        self.main_passes = nn.ModuleDict(self.mode.build_main_passes(cfg))
         self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))
-        self.one_to_one_classification = self.mode.build_one_to_one_classification(cfg)
         # The official transformer initialisation (xavier, then MSDeformAttn's, each cross-attention's
         # and the reference points' own), once everything is built.
         reset_transformer_parameters(self.encoder, self.decoder, self.query_source, self.level_embed)
@@ -93,17 +97,20 @@ class HybridDETR(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         images, padding_mask = self.preprocess_image(batched_inputs)
-        memory, queries, encoder_predictions, one_to_one = self.transformer(*self.features(images.tensor, padding_mask))
         if not self.training:
+            _, _, _, one_to_one = self.transformer(*self.features(images.tensor, padding_mask))
             return self.inference(one_to_one, images.image_sizes, batched_inputs)
 
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = normalized_targets(gt_instances, images.image_sizes)
         num_boxes = num_boxes_across_workers(targets, self.device)
+        memory, queries, encoder_predictions = self.encode_and_select(*self.features(images.tensor, padding_mask))
+        pass_inputs = MainPassInputs(queries, memory, targets, num_boxes, self.criterion, self.query_source)
+        one_to_one, extras = self.one_to_one_pass(queries, memory, pass_inputs)
+
         losses = self.criterion.decoder_losses(
             one_to_one, targets, lambda _, logits, boxes: self.matcher(logits, boxes, targets), num_boxes,
             aux_loss=self.aux_loss,
-            classification=self.one_to_one_classification,
         )
         if encoder_predictions is not None:
             # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):
@@ -112,14 +119,44 @@ class HybridDETR(nn.Module):
             logits, boxes = encoder_predictions
             binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             assignment = self.matcher(logits, boxes, binary_targets)
-            enc_losses = self.criterion(logits, boxes, binary_targets, assignment, num_boxes)
+            enc_losses = self.criterion(logits, boxes, binary_targets, assignment, num_boxes, self.criterion.focal)
             losses.update({f"enc_{k}": v for k, v in enc_losses.items()})
+        for name, hook in self.main_passes.items():
+            extra, output = extras.get(name, (None, None))  # None: the hook added no query this step
+            losses.update(hook.losses(pass_inputs, extra, output))
         branch_inputs = BranchInputs(
-            queries, memory, one_to_one, targets, num_boxes, images, gt_instances, self.decoder, self.criterion
+            queries, memory, one_to_one, targets, num_boxes, images, gt_instances, self.decoder, self.criterion,
+            {name: (self.main_passes[name], extra, output) for name, (extra, output) in extras.items()}, pass_inputs,
         )
         for branch in self.branches.values():
             losses.update(branch(branch_inputs))
         return losses
+
+    def one_to_one_pass(self, queries, memory: EncoderMemory, pass_inputs: MainPassInputs):
+        """The one-to-one decoder pass, joined by the main-pass hooks' queries (training):
+        (one-to-one output, {hook name: (ExtraQueries, its output)} for the hooks that added some)."""
+        extras: Dict[str, ExtraQueries] = {}
+        for name, hook in self.main_passes.items():
+            extra = hook.extra_queries(pass_inputs)
+            if extra is not None:
+                extras[name] = extra
+        return self.decode_with_extras(queries, memory, extras)
+
+    def decode_with_extras(self, queries, memory: EncoderMemory, extras: Dict[str, ExtraQueries]):
+        """One decoder pass over `extras`' groups (in order) then the one-to-one queries: the
+        one-to-one queries never see the others, each extra group sees itself (and the one-to-one
+        queries when it asks to), never another extra group. Returns as `one_to_one_pass`."""
+        if not extras:
+            return self.decoder(queries, memory), {}
+        groups = [e.group for e in extras.values()] + [queries]
+        sees = torch.eye(len(groups), dtype=torch.bool)
+        sees[:-1, -1] = torch.tensor([e.sees_one_to_one for e in extras.values()])
+        outputs = split_decoder_output(
+            self.decoder(concat_groups(groups, sees), memory),
+            [group.content.shape[1] for group in groups],
+            [group.padding_mask for group in groups],
+        )
+        return outputs[-1], {name: (extra, out) for (name, extra), out in zip(extras.items(), outputs)}
 
     @torch.no_grad()
     def raw_predictions(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -165,11 +202,17 @@ class HybridDETR(nn.Module):
     def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> EncoderMemory:
         return self.encode_levels(*self.features(images, padding_mask))
 
-    def transformer(self, maps, masks, positions):
-        """Encoder, query selection and the one-to-one decoder pass: (memory, queries, encoder
-        predictions or None, decoder output). No host synchronisation: it compiles as one graph."""
-        memory = self.encode_levels(maps, masks, positions)
+    def encode_and_select(self, maps, masks, positions, layout: Optional[LevelLayout] = None):
+        """Encoder and query selection: (memory, queries, encoder predictions or None)."""
+        memory = self.encode_levels(maps, masks, positions, layout)
         queries, encoder_predictions = self.query_source(memory)
+        return memory, queries, encoder_predictions
+
+    def transformer(self, maps, masks, positions, layout: Optional[LevelLayout] = None):
+        """Encoder, query selection and the one-to-one decoder pass alone (inference): (memory,
+        queries, encoder predictions or None, decoder output). `layout`: see `encode_levels`. No
+        host synchronisation: it compiles as one graph."""
+        memory, queries, encoder_predictions = self.encode_and_select(maps, masks, positions, layout)
         return memory, queries, encoder_predictions, self.decoder(queries, memory)
 
     def inference(self, outputs: DecoderOutput, image_sizes, batched_inputs):
@@ -178,13 +221,9 @@ class HybridDETR(nn.Module):
         With NMS_THRESH_TEST > 0 (DAC-DETR's release evaluation): the NMS_PRE_TOPK_TEST best pairs,
         class-wise NMS at that IoU, then the best DETECTIONS_PER_IMAGE."""
         logits, boxes = outputs.layer(-1)
-        n, q, k = logits.shape
         nms = self.nms_thresh_test > 0
         keep = self.nms_pre_topk_test if nms else self.detections_per_image
-        scores, flat_index = logits.sigmoid().flatten(1).topk(min(keep, q * k), dim=1)
-        query_index = torch.div(flat_index, k, rounding_mode="floor")
-        labels = flat_index % k
-        boxes = boxes.gather(1, query_index[..., None].expand(-1, -1, 4))
+        scores, labels, boxes, _ = top_k_detections(logits, boxes, keep)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             xyxy = box_convert(boxes[i], "cxcywh", "xyxy") * torch.tensor([w, h, w, h], device=boxes.device)

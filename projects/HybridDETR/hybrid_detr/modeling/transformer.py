@@ -48,6 +48,8 @@ class DecoderOutput:
     hidden: torch.Tensor  # (num_layers, N, Q, C)
     # Each layer's content after its self-attention block (empty when self-attention was skipped).
     self_attn_outputs: Tuple[torch.Tensor, ...] = ()
+    # (N, Q) True on padding queries, which the losses leave out (None: no padding).
+    padding_mask: Optional[torch.Tensor] = None
 
     def layer(self, i):
         return self.logits[i], self.boxes[i]
@@ -277,6 +279,12 @@ class LearnedQueries(nn.Module):
         """Parameters the official code counts as the transformer's (xavier-initialised)."""
         return list(self.reference_points.parameters())
 
+    def embed_boxes(self, boxes: torch.Tensor, dtype=None):
+        raise ValueError(
+            "queries around given boxes (e.g. DECODER_MODE 'dn') need MODEL.HYBRID_DETR.TWO_STAGE: True: learned "
+            "queries have no embedding of a box"
+        )
+
     def forward(self, memory: EncoderMemory):
         n = memory.memory.shape[0]
         position, content = self.embedding.weight.to(memory.memory.dtype).chunk(2, dim=1)
@@ -327,6 +335,13 @@ class TwoStageQueries(nn.Module):
         prediction heads and the content embedding are not."""
         return [p for m in (self.memory_proj, self.memory_norm, self.position_proj, self.position_norm) for p in m.parameters()]
 
+    def embed_boxes(self, boxes: torch.Tensor, dtype=None):
+        """(position, content) queries (N, Q, C) of boxes (N, Q, 4) cxcywh in [0, 1]: their sine
+        embedding through the proposal projection (what the selected proposals get; other queries
+        around boxes, e.g. denoising ones, take their position from here too)."""
+        embedded = self.position_norm(self.position_proj(box_sine_embedding(boxes, self.d_model // 2)))
+        return embedded.to(dtype or embedded.dtype).chunk(2, dim=-1)
+
     @staticmethod
     def token_proposals(memory: EncoderMemory):
         """A box per token: its centre, side 0.05 * 2^level; (N, S, 4) and a validity mask."""
@@ -354,8 +369,7 @@ class TwoStageQueries(nn.Module):
         k = min(self.num_queries, scores.shape[1])
         topk = scores.topk(k, dim=1).indices
         reference = boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
-        embedded = self.position_norm(self.position_proj(box_sine_embedding(reference, self.d_model // 2)))
-        position, content = embedded.to(memory.memory.dtype).chunk(2, dim=-1)
+        position, content = self.embed_boxes(reference, memory.memory.dtype)
         if self.mixed_selection:
             content = self.content.weight[:k].to(position.dtype)[None].expand(position.shape[0], -1, -1)
         return QueryGroup(content, position, reference), encoder_predictions

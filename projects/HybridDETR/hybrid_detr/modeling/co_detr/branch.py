@@ -24,16 +24,13 @@ from torch import nn
 
 from ..criterion import mean_across_workers
 from ..modes import BranchInputs, register_decoder_mode
+from ..query_groups import concat_groups, split_decoder_output
+from ..transformer import QueryGroup
 from .adapter import MultiScaleAdapter
 from .atss import ATSSHead
-from .positive_queries import (
-    PositiveQueryEmbedding,
-    concat_groups,
-    image_sizes_tensor,
-    pack_positives,
-    padded_focal_loss,
-    split_decoder_output,
-)
+from .config import add_co_detr_config
+from .explain import explain_view
+from .positive_queries import AuxPositives, PositiveQueryEmbedding, image_sizes_tensor, pack_positives
 from .rcnn_head import FasterRCNNAuxHead
 
 AUX_HEAD_NAMES = ("atss", "rcnn")  # in the order K adds them
@@ -69,9 +66,7 @@ class CoDETRBranch(nn.Module):
         self.aux_loss = aux_loss
         self.zero_padding = zero_padding
         self.subset = subset
-        if self.num_aux_heads == 0:
-            return
-        self.adapter = adapter
+        self.adapter = adapter  # None without auxiliary heads
         self.heads = nn.ModuleDict(heads)
         self.query_embeds = nn.ModuleDict(query_embeds)
 
@@ -109,6 +104,12 @@ class CoDETRBranch(nn.Module):
             "subset": co.POS_QUERY_SUBSET,
         }
 
+    def aux_positives(self, memory, images, gt_instances) -> Dict[str, AuxPositives]:
+        """Each auxiliary head's positives for `gt_instances` (what its assigner gives in a training
+        step; the Faster R-CNN head samples, so seed first for a repeatable result)."""
+        maps = self.adapter(memory)
+        return {name: head(maps, images, gt_instances)[1] for name, head in self.heads.items()}
+
     def forward(self, inputs: BranchInputs) -> Dict[str, torch.Tensor]:
         if self.num_aux_heads == 0:
             return {}
@@ -128,9 +129,15 @@ class CoDETRBranch(nn.Module):
 
         # One decoder pass over the K positive-query groups.
         dtype = inputs.memory.memory.dtype
-        queries = [self.query_embeds[name](p, dtype) for name, p in zip(self.head_names, packed)]
-        group = concat_groups(*zip(*queries), [p.padding_mask for p in packed])
-        outputs = split_decoder_output(inputs.decoder(group, inputs.memory), [p.num_queries for p in packed])
+        groups = [
+            QueryGroup(*self.query_embeds[name](p, dtype), padding_mask=p.padding_mask)
+            for name, p in zip(self.head_names, packed)
+        ]
+        outputs = split_decoder_output(
+            inputs.decoder(concat_groups(groups), inputs.memory),
+            [p.num_queries for p in packed],
+            [p.padding_mask for p in packed],
+        )
 
         criterion = inputs.criterion
         for name, p, output in zip(self.head_names, packed, outputs):
@@ -144,10 +151,12 @@ class CoDETRBranch(nn.Module):
                 normalizer,
                 prefix=f"co_{name}_query_",
                 aux_loss=self.aux_loss,
-                classification_loss=padded_focal_loss(criterion.focal_alpha, criterion.focal_gamma, p.padding_mask),
+                classification=criterion.focal,  # padding queries left out
             )
             losses.update({k: v * self.lambda1 for k, v in query_losses.items()})
         return losses
 
 
-register_decoder_mode("co_detr", training_branch=CoDETRBranch)
+register_decoder_mode(
+    "co_detr", add_config=add_co_detr_config, training_branch=CoDETRBranch, explain_view=explain_view
+)

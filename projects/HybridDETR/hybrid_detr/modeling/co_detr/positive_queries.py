@@ -24,19 +24,17 @@ vectorised over the batch (no per-image loops).
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
-from torchvision.ops import box_convert, sigmoid_focal_loss
+from torchvision.ops import box_convert
 
 from detectron2.structures import ImageList
 
 from ..box_ops import sort_within_groups
-from ..criterion import ClassLoss
 from ..matcher import Assignment
 from ..position_encoding import box_sine_embedding
-from ..transformer import DecoderOutput, QueryGroup
 
 # Reference box of the padding queries (any valid box: they are masked everywhere).
 PADDING_BOX = (0.5, 0.5, 0.5, 0.5)
@@ -182,42 +180,3 @@ class PositiveQueryEmbedding(nn.Module):
         content = content + self.feature_norm(self.feature_proj(packed.features.to(dtype)))
         position = position + self.head_embed.to(dtype)
         return content, position, packed.boxes.to(dtype)
-
-
-def concat_groups(contents, positions, references, padding_masks) -> QueryGroup:
-    """K query groups side by side along the query dim; a block-diagonal self-attention mask
-    keeps every group to itself (True = blocked)."""
-    sizes = [c.shape[1] for c in contents]
-    group_id = torch.repeat_interleave(
-        torch.arange(len(sizes), device=contents[0].device), torch.tensor(sizes, device=contents[0].device)
-    )
-    self_attn_mask = group_id[:, None] != group_id[None, :] if len(sizes) > 1 else None
-    return QueryGroup(
-        torch.cat(contents, 1),
-        torch.cat(positions, 1),
-        torch.cat(references, 1),
-        self_attn_mask=self_attn_mask,
-        padding_mask=torch.cat(padding_masks, 1),
-    )
-
-
-def split_decoder_output(output: DecoderOutput, sizes: Sequence[int]) -> List[DecoderOutput]:
-    """The per-group outputs of a decoder pass over `concat_groups`."""
-    return [
-        DecoderOutput(logits, boxes, hidden)
-        for logits, boxes, hidden in zip(
-            output.logits.split(list(sizes), dim=2),
-            output.boxes.split(list(sizes), dim=2),
-            output.hidden.split(list(sizes), dim=2),
-        )
-    ]
-
-
-def padded_focal_loss(alpha: float, gamma: float, padding_mask: torch.Tensor):
-    """The criterion's focal loss with the padding queries left out (a `ClassificationLoss`)."""
-
-    def loss(logits, onehot, assignment, pred_boxes, gt_boxes, normalizer):
-        focal = sigmoid_focal_loss(logits, onehot, alpha, gamma, reduction="none")
-        return ClassLoss((focal * (~padding_mask)[..., None]).sum() / normalizer)
-
-    return loss

@@ -1,14 +1,15 @@
 """DAC-DETR's training branch ("dac" in DECODER_MODE): the C-decoder, i.e. the shared decoder
 called without self-attention, fed the one-to-one queries and trained one-to-many."""
 import dataclasses
-from typing import Optional
 
 from detectron2.config import configurable
 from torch import nn
 
 from ..modes import BranchInputs, register_decoder_mode
-from ..transformer import QueryGroup
-from ..criterion import ClassificationLossSpec
+from ..query_groups import concat_groups, split_decoder_output
+from ..transformer import DecoderOutput, QueryGroup
+from .config import add_dac_config
+from .explain import explain_view
 from .loss import iou_aware_bce_spec
 from .matcher import DACMatcher
 
@@ -21,7 +22,8 @@ class DACBranch(nn.Module):
     Same initial queries (content, position, reference points) as the one-to-one O-branch, or, with
     C_INPUT_FROM_O_SELF_ATTN (the official code), the O-branch's layer-0 self-attention output as the
     content. Each branch refines its own boxes. Losses of every decoder layer (AUX_LOSS) are
-    normalised by num_boxes * LOSS_NORM_FACTOR and named "dac_loss_*".
+    normalised by num_boxes * LOSS_NORM_FACTOR and named "dac_loss_*"; the classification loss is
+    the decoder's (the criterion's: IoU-aware BCE with CLS_LOSS "iou_aware_bce", else focal).
     """
 
     @configurable
@@ -33,16 +35,17 @@ class DACBranch(nn.Module):
         loss_norm_factor: float = 3.0,
         match_against_o_boxes: bool = False,
         c_input_from_o_self_attn: bool = False,
-        classification: Optional[ClassificationLossSpec] = None,
+        run_extra_queries: bool = True,
     ):
-        """`classification`: the C-branch's classification loss (None: the criterion's focal loss)."""
+        """`run_extra_queries`: the C-decoder also runs the queries main-pass hooks added to the O
+        pass (DINO's denoising queries), each trained with its hook's losses, named "dac_<name>"."""
         super().__init__()
         self.matcher = matcher
         self.aux_loss = aux_loss
         self.loss_norm_factor = loss_norm_factor
         self.match_against_o_boxes = match_against_o_boxes
         self.c_input_from_o_self_attn = c_input_from_o_self_attn
-        self.classification = classification
+        self.run_extra_queries = run_extra_queries
 
     @classmethod
     def from_config(cls, cfg, level_strides=None):
@@ -61,36 +64,58 @@ class DACBranch(nn.Module):
             "loss_norm_factor": dac.LOSS_NORM_FACTOR,
             "match_against_o_boxes": dac.MATCH_AGAINST_O_BOXES,
             "c_input_from_o_self_attn": dac.C_INPUT_FROM_O_SELF_ATTN,
-            "classification": iou_aware_bce_spec(cfg),
+            "run_extra_queries": dac.C_RUNS_EXTRA_QUERIES,
         }
 
-    def c_queries(self, inputs: BranchInputs) -> QueryGroup:
-        """The C-branch's queries: the O-branch's initial queries (optionally with the O-branch's
-        layer-0 self-attention output as content)."""
+    def c_queries(self, queries: QueryGroup, one_to_one: DecoderOutput) -> QueryGroup:
+        """The C-branch's queries: the O-branch's initial `queries` (optionally with the O-branch's
+        layer-0 self-attention output, from its output `one_to_one`, as content)."""
         if not self.c_input_from_o_self_attn:
-            return inputs.queries
-        if not inputs.one_to_one.self_attn_outputs:
+            return queries
+        if not one_to_one.self_attn_outputs:
             raise ValueError("DAC C_INPUT_FROM_O_SELF_ATTN needs the O-branch's layer-0 self-attention output")
-        return dataclasses.replace(inputs.queries, content=inputs.one_to_one.self_attn_outputs[0])
+        return dataclasses.replace(queries, content=one_to_one.self_attn_outputs[0])
 
     def forward(self, inputs: BranchInputs):
-        c_out = inputs.decoder(self.c_queries(inputs), inputs.memory, skip_self_attn=True)
+        c_queries = self.c_queries(inputs.queries, inputs.one_to_one)
+        extras = inputs.extras if self.run_extra_queries else {}
+        if extras:
+            # The release's C-decoder runs every query of the O pass, denoising ones included
+            # (deformable_transformer.py: `output_cdecoder = tgt`); without self-attention they
+            # cannot interact, so one pass over all groups is the same as one per group.
+            groups = [self.c_queries(extra.group, output) for _, extra, output in extras.values()] + [c_queries]
+            outputs = split_decoder_output(
+                inputs.decoder(concat_groups(groups), inputs.memory, skip_self_attn=True),
+                [group.content.shape[1] for group in groups],
+                [group.padding_mask for group in groups],
+            )
+            c_out = outputs[-1]
+        else:
+            c_out = inputs.decoder(c_queries, inputs.memory, skip_self_attn=True)
         o_boxes = inputs.one_to_one.boxes
         targets = inputs.targets
 
         def assign(layer, logits, boxes):
             return self.matcher(logits, o_boxes[layer] if self.match_against_o_boxes else boxes, targets)
 
-        return inputs.criterion.decoder_losses(
+        losses = inputs.criterion.decoder_losses(
             c_out,
             targets,
             assign,
             inputs.num_boxes * self.loss_norm_factor,
             prefix="dac_",
             aux_loss=self.aux_loss,
-            classification=self.classification,
         )
+        # Each hook's queries in the C pass get that hook's own losses (the release's "_dn" terms
+        # of the C-decoder, normalised as the O-decoder's).
+        for (hook, extra, _), output in zip(extras.values(), outputs if extras else []):
+            losses.update({f"dac_{k}": v for k, v in hook.losses(inputs.main_pass_inputs, extra, output).items()})
+        return losses
 
 
-# With CLS_LOSS "iou_aware_bce" the release trains the one-to-one (O) queries with that loss too.
-register_decoder_mode("dac", training_branch=DACBranch, one_to_one_classification=iou_aware_bce_spec)
+# With CLS_LOSS "iou_aware_bce" the release trains both branches with that loss: it becomes the
+# decoder's classification loss, which the C-branch uses too.
+register_decoder_mode(
+    "dac", add_config=add_dac_config, training_branch=DACBranch, one_to_one_classification=iou_aware_bce_spec,
+    explain_view=explain_view,
+)

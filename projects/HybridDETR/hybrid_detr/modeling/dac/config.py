@@ -26,6 +26,11 @@ def add_dac_config(cfg):
     # C-branch's own boxes).
     dac.MATCH_AGAINST_O_BOXES = True
     dac.C_INPUT_FROM_O_SELF_ATTN = True
+    # With queries that other modes add to the O pass (DECODER_MODE "dn+dac": DINO's denoising
+    # queries), the C-decoder runs them too and trains them with their own losses, as the release
+    # (deformable_transformer.py: the C-decoder's input is the whole query sequence; deformable_detr.py
+    # SetCriterion: "_dn" losses of the C-decoder's denoising outputs). False: the one-to-one queries alone.
+    dac.C_RUNS_EXTRA_QUERIES = True
     # "focal" (the paper's rows without "*"), or "iou_aware_bce": the release's setting, Align-DETR's
     # IoU-aware BCE on both branches (O: one-to-one, rank weight 1; C: rank weights exp(-r / 1.5), which
     # also weight the C-branch's L1 and GIoU losses), class-loss weight IOU_AWARE_BCE_WEIGHT; the

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ..box_ops import batched_box_iou, rank_within_groups
-from ..criterion import ClassificationLossSpec, ClassLoss, DetectionCriterion
-from ..matcher import Assignment
+from ..criterion import ClassificationLossSpec, ClassLoss, MatchedPairs
 
 __all__ = ["IoUAwareBCELoss", "iou_aware_bce_spec"]
 
@@ -18,27 +17,23 @@ class IoUAwareBCELoss:
     -t log p - (1 - t) log(1 - p) on those (query, class) entries and -p^gamma log(1 - p)
     everywhere else, summed and divided by the normaliser. The official code also weights each
     pair's L1 and GIoU losses by its rank weight: returned as `ClassLoss.pair_weight`, which
-    `DetectionCriterion` applies to the box losses.
-
-    `targets` (the branch's per-image targets) gives the class of each pair.
+    `DetectionCriterion` applies to the box losses. Padding queries are left out.
     """
 
-    def __init__(self, targets, alpha=0.25, gamma=2.0, tau=1.5):
-        self.targets = targets
+    def __init__(self, alpha=0.25, gamma=2.0, tau=1.5):
         self.alpha = alpha
         self.gamma = gamma
         self.tau = tau
 
-    def __call__(self, logits, onehot, assignment: Assignment, pred_boxes, gt_boxes, normalizer):
-        gt_labels, _ = DetectionCriterion.matched_targets(self.targets, assignment)
+    def __call__(self, logits, pairs: MatchedPairs, normalizer) -> ClassLoss:
+        assignment, pred_boxes = pairs.assignment, pairs.pred_boxes
         prob = logits.sigmoid()
         n, q, k = logits.shape
-        flat = (assignment.batch_index * q + assignment.query_index) * k + gt_labels
+        flat = (assignment.batch_index * q + assignment.query_index) * k + pairs.labels
         with torch.no_grad():
-            iou = batched_box_iou(pred_boxes[:, None].float(), gt_boxes[:, None].float())[:, 0, 0]
+            iou = batched_box_iou(pred_boxes[:, None].float(), pairs.gt_boxes[:, None].float())[:, 0, 0]
             quality = (prob.flatten()[flat].float() ** self.alpha * iou ** (1 - self.alpha)).clamp(min=0.01)
-            offsets = torch.tensor([0] + [len(t["labels"]) for t in self.targets], device=flat.device).cumsum(0)
-            rank = rank_within_groups(quality, offsets[assignment.batch_index] + assignment.gt_index)
+            rank = rank_within_groups(quality, pairs.gt_id)
             rank_weight = torch.exp(-rank.float() / self.tau)
             # A (query, class) entry assigned twice keeps its larger target.
             target = torch.zeros(n * q * k, device=logits.device).scatter_reduce(
@@ -51,6 +46,8 @@ class IoUAwareBCELoss:
         negative_weight = torch.where(positive, 1 - target, prob**self.gamma)
         positive_weight = torch.where(positive, target, torch.zeros_like(target))
         loss = -positive_weight * F.logsigmoid(logits) - negative_weight * F.logsigmoid(-logits)
+        if pairs.padding_mask is not None:
+            loss = loss * (~pairs.padding_mask)[..., None]
         return ClassLoss(loss.sum() / normalizer, rank_weight.to(pred_boxes.dtype))
 
 
@@ -62,5 +59,4 @@ def iou_aware_bce_spec(cfg):
         return None
     if m.DAC.CLS_LOSS != "iou_aware_bce":
         raise ValueError(f"MODEL.HYBRID_DETR.DAC.CLS_LOSS must be 'focal' or 'iou_aware_bce', got {m.DAC.CLS_LOSS!r}")
-    gamma = m.FOCAL_GAMMA
-    return ClassificationLossSpec(lambda targets: IoUAwareBCELoss(targets, gamma=gamma), m.DAC.IOU_AWARE_BCE_WEIGHT)
+    return ClassificationLossSpec(IoUAwareBCELoss(gamma=m.FOCAL_GAMMA), m.DAC.IOU_AWARE_BCE_WEIGHT)

@@ -33,6 +33,7 @@ from .co_attention import ScaleSelection, SMCACrossAttention, smca_levels
 from .config import add_smca_config
 from .deformable_smca import DeformableSMCACrossAttention, GaussianModulatedMSDeformAttn
 from .dense import build_dense_cross_attention
+from .explain import explain_view
 from .prior import GaussianPrior, distance_unit_level, feature_level_strides, gaussian_log_prior, level_units
 
 __all__ = [
@@ -60,5 +61,8 @@ def build_smca_cross_attention(cfg):
     return SMCACrossAttention(cfg)
 
 
-register_decoder_mode("smca", cross_attention=build_smca_cross_attention)
+# "dense" shares SMCA's keys (LEVELS, SCALE_SELECTION_PER_HEAD), added with "smca".
+register_decoder_mode(
+    "smca", add_config=add_smca_config, cross_attention=build_smca_cross_attention, explain_view=explain_view
+)
 register_decoder_mode("dense", cross_attention=build_dense_cross_attention)

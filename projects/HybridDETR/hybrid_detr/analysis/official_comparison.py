@@ -1,0 +1,366 @@
+"""HybridDETR against an official model on the CPU (behind tools/compare_official.py, whose docstring
+describes each model's setup): the official model built from its own source tree (a path, its directory
+put on sys.path; nothing of it copied here) with import-time shims and stubs applied here, not in its files,
+every parameter and buffer drawn at random (seeded, `randomize_`), its state dict converted with
+`hybrid_detr.converters` and loaded strictly into ours, both run on the same images (`fixed_images`):
+the max |difference| of the last decoder layer's logits (80 classes) and boxes (`compare_official`).
+With mixed selection (DAC-DETR, Co-DETR) also our outputs with the official top-k order
+(`compare_mixed_selection`, `pinned_ranking`). `verdict` is the tool's line and pass / fail.
+"""
+import argparse
+import logging
+import os
+import sys
+import types
+from contextlib import contextmanager
+
+import torch
+from detectron2.modeling import build_model
+
+from ..config import load_config
+from ..converters import CONVERTERS
+from ..converters.common import COCO_THING_IDS
+from ..model_zoo import get_config_file
+
+__all__ = ["randomize_", "fixed_images", "compare_official", "compare_mixed_selection", "pinned_ranking", "verdict"]
+
+PIXEL_MEAN = torch.tensor([123.675, 116.280, 103.530]).view(3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.120, 57.375]).view(3, 1, 1)
+
+
+@contextmanager
+def _official_import_shims():
+    """Import-time shims for the official Deformable DETR code on a recent torch/torchvision:
+    - util/misc.py reads float(torchvision.__version__[:3]) ("0.2" for 0.29) and then imports
+      helpers of torchvision < 0.7: present a version string that takes the modern path;
+    - models/ops imports the compiled `MultiScaleDeformableAttention` extension: a stub module
+      (the forward is then routed to their pure-PyTorch reference, see `_route_to_pytorch_core`)."""
+    import torchvision
+
+    version = torchvision.__version__
+    torchvision.__version__ = "1.0"
+    stub = "MultiScaleDeformableAttention" not in sys.modules
+    if stub:
+        sys.modules["MultiScaleDeformableAttention"] = types.ModuleType("MultiScaleDeformableAttention")
+    try:
+        yield
+    finally:
+        torchvision.__version__ = version
+
+
+def _route_to_pytorch_core():
+    from models.ops.functions import ms_deform_attn_func
+
+    core = ms_deform_attn_func.ms_deform_attn_core_pytorch
+
+    def apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+        return core(value, spatial_shapes, sampling_locations, attention_weights)
+
+    ms_deform_attn_func.MSDeformAttnFunction.apply = staticmethod(apply)
+
+
+def _import_official(src, stub_swin=False):
+    """The official `models.deformable_detr.build` of the source tree `src`, imported with the shims."""
+    sys.path.insert(0, os.path.abspath(src))
+    if stub_swin and "models.swin_transformer" not in sys.modules:
+        # DAC-DETR's backbone.py imports its Swin module, which needs timm, mmcv and mmdet; R-50 never uses it.
+        swin = types.ModuleType("models.swin_transformer")
+
+        class SwinTransformer:  # noqa: D401  (a stub; building it is an error)
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("the Swin backbone is stubbed out by hybrid_detr.analysis.official_comparison")
+
+        swin.SwinTransformer = SwinTransformer
+        sys.modules["models.swin_transformer"] = swin
+    with _official_import_shims():
+        import models.backbone as official_backbone
+        from models.deformable_detr import build as official_build
+    _route_to_pytorch_core()
+    official_backbone.is_main_process = lambda: False  # pretrained=False: no download
+    return official_build
+
+
+def build_official_deformable_detr(src, variant):
+    official_build = _import_official(src)
+    args = argparse.Namespace(
+        dataset_file="coco", device="cpu", hidden_dim=256, position_embedding="sine", lr_backbone=2e-5,
+        masks=False, num_feature_levels=4, backbone="resnet50", dilation=False, nheads=8, enc_layers=6,
+        dec_layers=6, dim_feedforward=1024, dropout=0.1, dec_n_points=4, enc_n_points=4,
+        two_stage=variant == "two_stage", with_box_refine=variant in ("refine", "two_stage"), num_queries=300,
+        aux_loss=True, frozen_weights=None, set_cost_class=2, set_cost_bbox=5, set_cost_giou=2,
+        cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, mask_loss_coef=1, dice_loss_coef=1, focal_alpha=0.25,
+    )
+    model, _, _ = official_build(args)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_(model, seed):
+    """Every parameter and buffer drawn at random around its init (seeded): weights get noise of
+    their own scale, norms stay near 1, BN variances positive. Tensors shared between modules
+    (the official heads' aliases) are drawn once."""
+    g = torch.Generator().manual_seed(seed)
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        noise = torch.randn(t.shape, generator=g)
+        if name.endswith("running_var"):
+            t.copy_(0.5 + torch.rand(t.shape, generator=g))
+        elif t.dim() <= 1:  # biases, norm scales, level offsets: their init + noise
+            t.add_(0.1 * noise)
+        else:
+            fan_in = t[0].numel()
+            t.copy_(noise / fan_in**0.5)
+
+
+def fixed_images(seed):
+    """Two RGB images in [0, 255] of different sizes (so padding and valid ratios are exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) * 255 for h, w in ((256, 320), (224, 288))]
+
+
+def _stub_modules(names):
+    """Import-time stand-ins for modules the official code imports but the compared model never uses."""
+
+    class Stubbed:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("stubbed out by hybrid_detr.analysis.official_comparison")
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return Stubbed
+
+    for name in names:
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__getattr__ = missing
+            module.__path__ = []
+            sys.modules[name] = module
+
+
+def build_official_co_detr(src):
+    """Co-DETR's Co-Deformable-DETR R-50 from its mmdet 2.x config (needs mmcv 1.x's Python package)."""
+    sys.path.insert(0, os.path.abspath(src))
+    ext = types.ModuleType("mmcv._ext")  # mmcv's compiled ops: not used on the CPU path
+
+    def compiled_op(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def op(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext.{name} is stubbed out by hybrid_detr.analysis.official_comparison")
+
+        return op
+
+    ext.__getattr__ = compiled_op
+    sys.modules.setdefault("mmcv._ext", ext)
+    _stub_modules(["fairscale", "fairscale.nn", "timm", "timm.models", "timm.models.layers", "einops", "mmcv_custom"])
+    sys.modules["fairscale.nn.checkpoint"] = types.ModuleType("fairscale.nn.checkpoint")
+    sys.modules["fairscale.nn.checkpoint"].checkpoint_wrapper = lambda module, *args, **kwargs: module
+    try:
+        from mmcv import Config
+        from mmcv.utils import get_logger
+        from mmdet.models import build_detector
+    except ImportError as e:
+        raise SystemExit(
+            f"co_detr needs mmcv 1.x's Python package and Co-DETR's mmdet importable ({e}); "
+            "see tools/compare_official.py's docstring"
+        ) from None
+    import projects.models  # noqa: F401  (registers CoDETR and its heads)
+
+    get_logger("mmcv", log_level=logging.ERROR)  # its weight-init report, one line per parameter
+
+    cfg = Config.fromfile(os.path.join(src, "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"))
+    cfg.model.backbone.init_cfg = None  # no pretrained download
+    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
+    return model.eval()
+
+
+def _run_official_co_detr(official, image):
+    """The query head's last-layer logits and boxes of one image (what `simple_test_query_head` decodes)."""
+    batch = ((image - PIXEL_MEAN) / PIXEL_STD)[None]
+    metas = [{"batch_input_shape": tuple(batch.shape[-2:]), "img_shape": (*image.shape[1:], 3)}]
+    feats = official.extract_feat(batch, metas)
+    classes, boxes, enc_classes = official.query_head(feats, metas)[:3]
+    return {"pred_logits": classes[-1], "pred_boxes": boxes[-1], "enc_logits": enc_classes}
+
+
+def build_official_dac_detr(src):
+    """The DAC-DETR release's R-50 model (its main.py defaults + configs/r50_deformplus_cdn_ice_ep12.sh)."""
+    official_build = _import_official(src, stub_swin=True)
+    args = argparse.Namespace(
+        dataset_file="coco", device="cpu", hidden_dim=256, position_embedding="sine", position_embedding_scale=2 * 3.141592653589793,
+        lr_backbone=2e-5, masks=False, num_feature_levels=4, backbone="resnet50", dilation=False, nheads=8, enc_layers=6,
+        dec_layers=6, dim_feedforward=2048, dropout=0.0, dec_n_points=4, enc_n_points=4, two_stage=True,
+        with_box_refine=True, num_queries_one2one=900, num_queries_one2many=0, mixed_selection=True,
+        look_forward_twice=True, use_checkpoint=False, aux_loss=True, frozen_weights=None, set_cost_class=2,
+        set_cost_bbox=5, set_cost_giou=2, cls_loss_coef=1, bbox_loss_coef=5, giou_loss_coef=2, mask_loss_coef=1,
+        dice_loss_coef=1, focal_alpha=0.25, pretrained_backbone_path="", drop_path_rate=0.2, topk=300,
+    )
+    # Its backbone.py loads ImageNet weights from ./initmodel/resnet50-19c8e357.pth unconditionally: every
+    # weight is drawn at random below anyway, so that one load returns nothing.
+    load = torch.load
+
+    def no_pretrained_weights(path, *a, **k):
+        return {} if str(path).endswith("initmodel/resnet50-19c8e357.pth") else load(path, *a, **k)
+
+    torch.load = no_pretrained_weights
+    try:
+        model, _, _ = official_build(args)
+    finally:
+        torch.load = load
+    return model.eval()
+
+
+def _run_official(official, images, targets_argument):
+    from util.misc import nested_tensor_from_tensor_list
+
+    samples = nested_tensor_from_tensor_list([(im - PIXEL_MEAN) / PIXEL_STD for im in images])
+    return official(samples, None) if targets_argument else official(samples)
+
+
+def _build_pair(model, src, variant, seed):
+    # randomize_ keeps the init of 1-d tensors (plus noise): seed it too, so that a run is reproducible.
+    torch.manual_seed(seed)
+    if model == "deformable_detr":
+        official = build_official_deformable_detr(src, variant)
+    elif model == "dac_detr":
+        official = build_official_dac_detr(src)
+    elif model == "co_detr":
+        official = build_official_co_detr(src)
+    else:
+        raise ValueError(f"no official comparison for {model!r}")
+    randomize_(official, seed)
+    conversion = CONVERTERS[model](official.state_dict())
+    cfg = load_config(get_config_file(conversion.config_name), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(conversion.state_dict, strict=True)
+    return official, ours, conversion
+
+
+def _differences(mine, theirs):
+    their_logits = theirs["pred_logits"]
+    if their_logits.shape[-1] == 91:  # COCO-id slots -> detectron2's 80 classes
+        their_logits = their_logits[..., torch.as_tensor(COCO_THING_IDS)]
+    return {
+        "logits": (mine["pred_logits"] - their_logits).abs().max().item(),
+        "boxes": (mine["pred_boxes"] - theirs["pred_boxes"]).abs().max().item(),
+        "logit_scale": their_logits.abs().max().item(),
+    }
+
+
+def _inputs(images):
+    return [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
+
+
+def compare_official(model, src, variant="plain", seed=0):
+    """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official."""
+    if model in ("dac_detr", "co_detr"):
+        return compare_mixed_selection(model, src, seed)
+    official, ours, conversion = _build_pair(model, src, variant, seed)
+    images = fixed_images(seed + 1)
+    with torch.no_grad():
+        theirs = _run_official(official, images, targets_argument=False)
+        mine = ours.raw_predictions(_inputs(images))
+    return {**_differences(mine, theirs), "config": conversion.config_name}
+
+
+def compare_deformable_detr(src, variant, seed=0):
+    return compare_official("deformable_detr", src, variant, seed)
+
+
+@contextmanager
+def pinned_ranking(ours, scores):
+    """Our two-stage selection ranks proposals by `scores` (the official encoder's logit 0) instead
+    of our own logit 0: same top-k order, everything else computed by our model."""
+    heads, index = ours.query_source.heads, ours.query_source.encoder_head_index
+    predict = heads.predict
+
+    def pinned(i, hidden, reference):
+        logits, boxes = predict(i, hidden, reference)
+        if i == index:
+            logits = torch.cat((scores[..., None].to(logits.dtype), logits[..., 1:]), -1)
+        return logits, boxes
+
+    heads.predict = pinned
+    try:
+        yield
+    finally:
+        del heads.predict
+
+
+def compare_mixed_selection(model, src, seed=0):
+    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours, one image at a time (a batch would pad, and the official top-k
+    also ranks padding tokens, which ours masks out: the one deliberate difference, README).
+
+    With mixed selection the order of the top-k proposals matters (content query i goes with the
+    i-th proposal), so two proposals whose encoder scores are tied within float32 noise can swap
+    places in either implementation and change every output. Measured three ways:
+    `encoder_logits`: max |diff| of the encoder's proposal scores (logit 0, valid tokens);
+    `logits` / `boxes`: free-running outputs; `pinned_*`: our outputs with our top-k ranked by the
+    official scores (same order; all else ours); `swaps`: top-k positions whose proposal differs,
+    and `swap_gap`: the largest official score gap between the proposals swapped there."""
+    official, ours, conversion = _build_pair(model, src, "", seed)
+    captured = {}
+    if model == "dac_detr":
+        official.transformer.register_forward_hook(lambda module, inputs, outputs: captured.update(enc=outputs[3]))
+    result = {"config": conversion.config_name, "logits": 0.0, "boxes": 0.0, "pinned_logits": 0.0, "pinned_boxes": 0.0,
+              "encoder_logits": 0.0, "logit_scale": 0.0, "swaps": 0, "swap_gap": 0.0}
+    for image in fixed_images(seed + 1):
+        with torch.no_grad():
+            if model == "dac_detr":
+                theirs = _run_official(official, [image], targets_argument=True)
+                scores = captured["enc"][..., 0]
+            else:
+                theirs = _run_official_co_detr(official, image)
+                scores = theirs["enc_logits"][..., 0]
+            mine = ours.raw_predictions(_inputs([image]))
+            images, padding_mask = ours.preprocess_image(_inputs([image]))
+            memory = ours.encode(images.tensor, padding_mask)
+            _, valid = ours.query_source.token_proposals(memory)
+            our_scores = ours.query_source(memory)[1][0][..., 0]
+            with pinned_ranking(ours, scores):
+                pinned = ours.raw_predictions(_inputs([image]))
+        k = ours.query_source.num_queries
+        their_top, our_top = scores.topk(k, dim=1).indices, our_scores.masked_fill(~valid, float("-inf")).topk(k, dim=1).indices
+        swapped = their_top != our_top
+        free, fixed = _differences(mine, theirs), _differences(pinned, theirs)
+        result["logits"] = max(result["logits"], free["logits"])
+        result["boxes"] = max(result["boxes"], free["boxes"])
+        result["pinned_logits"] = max(result["pinned_logits"], fixed["logits"])
+        result["pinned_boxes"] = max(result["pinned_boxes"], fixed["boxes"])
+        result["logit_scale"] = max(result["logit_scale"], free["logit_scale"])
+        result["encoder_logits"] = max(result["encoder_logits"], (our_scores - scores)[valid].abs().max().item())
+        result["swaps"] += int(swapped.sum())
+        if swapped.any():
+            gap = (scores.gather(1, their_top) - scores.gather(1, our_top)).abs()[swapped].max().item()
+            result["swap_gap"] = max(result["swap_gap"], gap)
+    return result
+
+
+def verdict(model, variant, result, tolerance):
+    """The comparison's line and whether it passes: every difference within `tolerance`; with mixed
+    selection, the outputs with the official top-k order within it, and the free-running ones too unless
+    every place where the orders differ is a tie of the official scores within the encoder's float32 noise."""
+    if model in ("dac_detr", "co_detr"):
+        ties_only = result["swap_gap"] <= max(2 * result["encoder_logits"], 1e-6)
+        ok = max(result["pinned_logits"], result["pinned_boxes"], result["encoder_logits"]) <= tolerance and (
+            max(result["logits"], result["boxes"]) <= tolerance or ties_only
+        )
+        line = (
+            f"{model} ({result['config']}): encoder proposal scores max |diff| {result['encoder_logits']:.3g}; "
+            f"with the official top-k order: logits {result['pinned_logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
+            f"boxes {result['pinned_boxes']:.3g}; free-running: logits {result['logits']:.3g}, boxes {result['boxes']:.3g} "
+            f"({result['swaps']} top-k positions swapped, official score gap at most {result['swap_gap']:.3g}: "
+            f"{'near-ties only' if ties_only else 'NOT ties'}); tolerance {tolerance:g}: {'OK' if ok else 'FAIL'}"
+        )
+        return line, ok
+    ok = max(result["logits"], result["boxes"]) <= tolerance
+    line = (
+        f"{model} {variant}: max |diff| logits {result['logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
+        f"boxes {result['boxes']:.3g}; tolerance {tolerance:g}: {'OK' if ok else 'FAIL'}"
+    )
+    return line, ok
