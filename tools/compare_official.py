@@ -5,6 +5,8 @@ converter, same images, max |difference| of the last decoder layer's logits and 
     python tools/compare_official.py --official-src /path/to/Deformable-DETR deformable_detr --variant two_stage
     python tools/compare_official.py --official-src /path/to/DAC-DETR dac_detr
     PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_detr
+    PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_dino
+    python tools/compare_official.py --official-src /path/to/DINO dino --scales 4 [--inputs single batch coco]
 
 The official model is built from its own source tree (given by path, never copied here), with its
 CUDA op replaced by its own pure-PyTorch `ms_deform_attn_core_pytorch`; small import-time shims
@@ -29,6 +31,22 @@ mmcv's MultiScaleDeformableAttention runs its own pure-PyTorch core on the CPU; 
 einops and mmcv_custom (Swin / ViT backbones only) are stubbed too. Its query head's last-layer
 `all_cls_scores` / `all_bbox_preds` (80 classes) against our `raw_predictions`; every weight of
 the whole detector (aux heads included) drawn at random, the aux heads dropped by the converter.
+dac_detr and co_detr are compared on `--inputs` (default: `single`, two images one at a time; `batch`, the
+same two as one padded batch; `coco`, one 800 x 1066 image), free-running and with our top-k ranked by the
+official encoder scores.
+
+co_dino: Co-DETR's Co-DINO R-50 (`projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py`), built as co_detr
+(same checkout and mmcv), against `configs/coco/co_dino_r50_12ep_query_head.yaml`: the query head's last-layer
+outputs on `--inputs` (default all three), free-running and with our top-k ranked by the official encoder
+scores (`hybrid_detr.analysis.co_dino_comparison`).
+
+dino: DINO R-50 (IDEA-Research/DINO, `config/DINO/DINO_{4,5}scale.py` + the released script's options),
+4 or 5 scales (`--scales`), against `configs/coco/dino_r50_{4,5}scale_12ep.yaml`; timm (its Swin /
+ConvNeXt modules only) stubbed. Compared on two images one at a time (`single`), the same two as a
+padded batch (`batch`) and one COCO-sized image, 800 x 1066 (`coco`); free-running and with our top-k
+ranked by the official encoder scores, as for the mixed-selection models above. The 11 non-COCO slots
+of the official encoder class head are set to never win its max over classes before the conversion
+(`hybrid_detr.analysis.dino_comparison` says why).
 """
 import argparse
 import os
@@ -41,6 +59,8 @@ except ImportError as error:
 
 import torch  # noqa: E402
 
+from hybrid_detr.analysis.co_dino_comparison import co_dino_verdict, compare_co_dino  # noqa: E402
+from hybrid_detr.analysis.dino_comparison import compare_dino, dino_verdict  # noqa: E402
 from hybrid_detr.analysis.official_comparison import compare_official, verdict  # noqa: E402
 
 
@@ -49,13 +69,27 @@ def main(argv=None):
     parser.add_argument("--official-src", required=True, help="a checkout of the official repository")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr"])
+    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr", "dino", "co_dino"])
     parser.add_argument(
         "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr, co_detr: their release)"
     )
+    parser.add_argument("--scales", type=int, choices=[4, 5], default=4, help="dino only: the 4- or 5-scale model")
+    parser.add_argument(
+        "--inputs", nargs="+", choices=["single", "batch", "coco"], default=None,
+        help="dino, co_dino, dac_detr, co_detr: images one at a time, as a padded batch, one 800 x 1066 image "
+        "(default: all three for dino and co_dino, single for dac_detr and co_detr)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = compare_official(args.model, args.official_src, args.variant, args.seed)
+    if args.model in ("dino", "co_dino"):
+        inputs = tuple(args.inputs or ("single", "batch", "coco"))
+        if args.model == "dino":
+            lines, ok = dino_verdict(compare_dino(args.official_src, args.scales, args.seed, inputs), args.tolerance)
+        else:
+            lines, ok = co_dino_verdict(compare_co_dino(args.official_src, args.seed, inputs), args.tolerance)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    result = compare_official(args.model, args.official_src, args.variant, args.seed, tuple(args.inputs or ("single",)))
     line, ok = verdict(args.model, args.variant, result, args.tolerance)
     print(line)
     return 0 if ok else 1

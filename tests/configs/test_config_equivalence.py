@@ -41,9 +41,25 @@ PLUS_PLUS = {"MODEL.HYBRID_DETR.TWO_STAGE": True, "MODEL.HYBRID_DETR.WITH_BOX_RE
         (
             "coco/co_deformable_detr_r50_12ep_query_head.yaml",
             "coco/deformable_detr_r50_two_stage_ffn2048_12ep.yaml",
-            {f"MODEL.HYBRID_DETR.{k}": v for k, v in {"DROPOUT": 0.0, "MIXED_SELECTION": True, "LOOK_FORWARD_TWICE": True}.items()},
+            {f"MODEL.HYBRID_DETR.{k}": v for k, v in {
+                "DROPOUT": 0.0, "MIXED_SELECTION": True, "LOOK_FORWARD_TWICE": True, "TWO_STAGE_MASK_INVALID": False,
+            }.items()},
         ),
         ("coco/smca_deformable_detr_r50_50ep.yaml", "coco/deformable_detr_r50_50ep.yaml", {MODE: "smca"}),
+        # the denoising quickstarts: their base plus the mode
+        ("quickstart/dn_detr_r18_synthetic.yaml", "quickstart/deformable_detr_r18_synthetic.yaml", {MODE: "dn"}),
+        ("quickstart/dn_dac_detr_r18_synthetic.yaml", "quickstart/dac_detr_r18_synthetic.yaml", {MODE: "dn+dac"}),
+        ("quickstart/co_dino_r18_synthetic.yaml", "quickstart/co_detr_r18_synthetic.yaml", {MODE: "dn+co_detr"}),
+        # Co-DINO R-50: its query head is DINO 5-scale's with a head per decoder layer and the release's solver;
+        # the training config adds the Co-DETR branch only
+        ("coco/co_dino_r50_12ep.yaml", "coco/co_dino_r50_12ep_query_head.yaml", {MODE: "dn+co_detr", "MODEL.HYBRID_DETR.CO_DETR.HEAD_EMBED": "none"}),
+        (
+            "coco/co_dino_r50_12ep_query_head.yaml",
+            "coco/dino_r50_5scale_12ep.yaml",
+            {"MODEL.HYBRID_DETR.SHARE_DECODER_HEADS": False, "DATALOADER.FILTER_EMPTY_ANNOTATIONS": False, **{
+                f"SOLVER.{k}": v for k, v in {"BASE_LR": 0.0002, "MAX_ITER": 88716, "STEPS": (81323,), "CHECKPOINT_PERIOD": 7393}.items()
+            }},
+        ),
     ],
 )
 def test_mode_config_is_its_baseline_plus_the_mode(config, baseline, expected):

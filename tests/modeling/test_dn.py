@@ -160,3 +160,19 @@ def test_dn_composes(mode):
     if mode == "dn+co_detr":
         assert any(k.startswith("co_atss_query_") for k in losses)
     sum(losses.values()).backward()
+
+
+def test_co_dino_positive_queries_have_no_unused_parameter():
+    """With positions recomputed from the boxes (Co-DINO), a per-head embedding would get no gradient
+    (DDP refuses that): the config must say HEAD_EMBED none, and then every parameter trains."""
+    overrides = dict(QUERY_POSITION_FROM_REFERENCE=True, MIXED_SELECTION=True)
+    with pytest.raises(ValueError, match="HEAD_EMBED must be 'none'"):
+        dn_model("dn+co_detr", **overrides)
+    cfg = tiny_cfg(DECODER_MODE="dn+co_detr", **{**DN_MODEL, **overrides})
+    cfg.MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS = 2
+    cfg.MODEL.HYBRID_DETR.CO_DETR.HEAD_EMBED = "none"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    sum(model(synthetic_batch()).values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

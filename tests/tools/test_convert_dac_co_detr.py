@@ -55,11 +55,11 @@ def test_dac_detr_release_converts_and_loads_strictly(tmp_path):
     official = seeded_state_dict(dac_detr_keys(), seed=1)
     output = str(tmp_path / "dac.pth")
     conversion = convert_file("dac_detr", _save(tmp_path, "checkpoint0011.pth", official), output)
-    assert conversion.config_name == "coco/dac_deformable_detr_pp_r50_12ep_release.yaml"
-    assert any("label_enc" in n and "without CDN" in n for n in conversion.notes)
+    assert conversion.config_name == "coco/dac_dino_r50_12ep_release.yaml"
+    assert any("label_enc" in n and "dn mode's label embedding" in n for n in conversion.notes)
     cfg, model = _load_converted(output, conversion.config_name)
     m = cfg.MODEL.HYBRID_DETR
-    assert (m.DECODER_MODE, m.NUM_QUERIES, m.DIM_FEEDFORWARD, m.DROPOUT) == ("dac", 900, 2048, 0.0)
+    assert (m.DECODER_MODE, m.NUM_QUERIES, m.DIM_FEEDFORWARD, m.DROPOUT) == ("dn+dac", 900, 2048, 0.0)
     assert m.TWO_STAGE and m.WITH_BOX_REFINE and m.MIXED_SELECTION and m.LOOK_FORWARD_TWICE
 
     sd = model.state_dict()
@@ -76,10 +76,13 @@ def test_dac_detr_release_converts_and_loads_strictly(tmp_path):
     enc = sd["query_source.heads.class_heads.6.weight"]  # the encoder head keeps its objectness slot 0
     assert torch.equal(enc[0], official["class_embed.6.weight"][0]) and torch.equal(enc[1:], official["class_embed.6.weight"][IDS[1:]])
     assert torch.equal(sd["query_source.position_norm.weight"], official["transformer.pos_trans_norm.weight"])
-    assert not any("label_enc" in k or "dn" in k.split(".") for k in sd)
-    # The C-decoder adds no parameter: the DAC model has the keys of its deformable baseline.
+    # CDN's label book: COCO-id rows -> the 80 classes, then its last (unused) row.
+    label_enc = official["label_enc.weight"]
+    assert torch.equal(sd["main_passes.dn.label_embedding.weight"][:80], label_enc[IDS])
+    assert torch.equal(sd["main_passes.dn.label_embedding.weight"][80], label_enc[91])
+    # The C-decoder adds no parameter: the DAC model has the keys of its dn baseline.
     cfg.defrost()
-    cfg.MODEL.HYBRID_DETR.DECODER_MODE = "deformable"
+    cfg.MODEL.HYBRID_DETR.DECODER_MODE = "dn"
     with torch.device("meta"):
         baseline = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     assert set(baseline.state_dict()) == set(sd)
@@ -105,7 +108,7 @@ def test_the_tool_converts_dac_detr(tmp_path, capsys):
     source = _save(tmp_path, "checkpoint0011.pth", seeded_state_dict(dac_detr_keys()))
     assert convert_and_report("dac_detr", source, str(tmp_path / "out.pth")) == 0
     out = capsys.readouterr().out
-    assert "dac_deformable_detr_pp_r50_12ep_release.yaml" in out and "without CDN" in out
+    assert "dac_dino_r50_12ep_release.yaml" in out and "dn mode's label embedding" in out
 
 
 # ---------------------------------------------------------------------------------------------- Co-DETR
@@ -248,8 +251,10 @@ def _config_difference(config, baseline):
 def test_the_release_configs_are_their_training_configs_plus_the_release_architecture():
     m = "MODEL.HYBRID_DETR."
     release = {f"{m}MIXED_SELECTION": True, f"{m}LOOK_FORWARD_TWICE": True, f"{m}DROPOUT": 0.0}
-    assert _config_difference("coco/dac_deformable_detr_pp_r50_12ep_release.yaml", "coco/dac_deformable_detr_r50_12ep.yaml") == {
+    assert _config_difference("coco/dac_dino_r50_12ep_release.yaml", "coco/dac_deformable_detr_r50_12ep.yaml") == {
         **release,
+        f"{m}DECODER_MODE": "dn+dac",
+        f"{m}TWO_STAGE_MASK_INVALID": False,
         f"{m}NUM_QUERIES": 900,
         f"{m}NMS_THRESH_TEST": 0.8,
         f"{m}DAC.CLS_LOSS": "iou_aware_bce",

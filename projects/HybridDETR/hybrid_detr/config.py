@@ -50,6 +50,37 @@ def add_hybrid_detr_config(cfg):
     # added to layer i-1's box before the detach, so layer i's loss also trains layer i-1; the
     # reference layer i attends around stays detached (same forward values, other gradients).
     model.LOOK_FORWARD_TWICE = False
+    # DINO's architecture (Zhang et al., ICLR 2023; IDEA-Research/DINO, file:line of models/dino/ and
+    # config/DINO/ below), as options that are off here: configs/coco/dino_r50_*scale_12ep.yaml turn them on.
+    # Each decoder layer's positional query is recomputed from its reference box: an MLP (Linear 2d->d,
+    # ReLU, Linear d->d) of the box's sine embedding (deformable_transformer.py:609 `ref_point_head`,
+    # :681-696; utils.py:138-164 order y, x, w, h, temperature 10000) of the box scaled by level 0's
+    # valid ratios. QueryGroup.position is then unused. Needs TWO_STAGE (4-d reference boxes).
+    model.QUERY_POSITION_FROM_REFERENCE = False
+    # One LayerNorm on every decoder layer's output before the heads; the next layer and the next
+    # reference (box head on the un-normed output) are as without it (deformable_transformer.py:135,
+    # :731-755; dino.py:277-285).
+    model.DECODER_FINAL_NORM = False
+    # One class head and one box head shared by every decoder layer even with WITH_BOX_REFINE, and a
+    # separate pair for the two-stage encoder (dino.py:141-169; DINO_4scale.py:94-95 dec_pred_*_embed_share
+    # True, :66-67 two_stage_*_embed_share False). Off: a head per layer with refinement, else one for all.
+    model.SHARE_DECODER_HEADS = False
+    # Two-stage only: rank the encoder proposals by "objectness" (logit 0, Deformable DETR's
+    # class-agnostic head) or "max_class" (the best class logit, deformable_transformer.py:342).
+    model.TWO_STAGE_RANKING = "objectness"
+    # Two-stage only: the encoder ("enc_") loss. "class_agnostic": every token, all targets labelled 0
+    # (Deformable DETR). "class_aware_topk": the selected top-k proposals only, with the real labels
+    # and the decoder's loss weights (DINO's "interm" loss: deformable_transformer.py:345-350,416-417,
+    # dino.py:296-300,588-604, interm_loss_coef 1.0 DINO_4scale.py:85).
+    model.TWO_STAGE_ENCODER_LOSS = "class_agnostic"
+    # The clamp of inverse_sigmoid on the decoder's references (Deformable DETR 1e-5; DINO 1e-3,
+    # util/misc.py:575).
+    model.INVERSE_SIGMOID_EPS = 1e-5
+    # The feature maps' sine position embedding: temperature, and the offset added to the cumulative
+    # position before it is divided by the valid extent (Deformable DETR 10000 and -0.5; DINO 20 and 0:
+    # position_encoding.py:62-108,142-147, DINO_4scale.py:30-31 pe_temperatureH/W = 20).
+    model.POSITION_TEMPERATURE = 10000
+    model.POSITION_OFFSET = -0.5
     model.AUX_LOSS = True
     # Loss weights (focal, L1, GIoU) and the Hungarian matcher's costs.
     model.FOCAL_ALPHA = 0.25

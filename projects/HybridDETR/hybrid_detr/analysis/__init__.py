@@ -7,5 +7,5 @@ it (`inputs`). Import the submodules (matplotlib and onnx are only needed by the
 # (`step_profile`, tools/profile_step.py), training cost per mode (`step_cost`, tools/compare_step_cost.py),
 # AP over training per mode and seed (`mode_comparison`, tools/compare_modes.py), our op against its
 # reference (`op_benchmark`, tools/benchmark_op.py), inference cost (`inference_cost`,
-# tools/analyze_model.py), HybridDETR against the official models (`official_comparison`,
-# tools/compare_official.py).
+# tools/analyze_model.py), HybridDETR against the official models (`official_comparison`; DINO:
+# `dino_comparison`; tools/compare_official.py).

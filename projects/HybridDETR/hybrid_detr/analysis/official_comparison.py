@@ -5,7 +5,8 @@ every parameter and buffer drawn at random (seeded, `randomize_`), its state dic
 `hybrid_detr.converters` and loaded strictly into ours, both run on the same images (`fixed_images`):
 the max |difference| of the last decoder layer's logits (80 classes) and boxes (`compare_official`).
 With mixed selection (DAC-DETR, Co-DETR) also our outputs with the official top-k order
-(`compare_mixed_selection`, `pinned_ranking`). `verdict` is the tool's line and pass / fail.
+(`compare_mixed_selection`, `pinned_ranking`), on images one at a time, a padded batch and a COCO-sized
+image (`input_sets`). `verdict` is the tool's line(s) and pass / fail.
 """
 import argparse
 import logging
@@ -22,7 +23,10 @@ from ..converters import CONVERTERS
 from ..converters.common import COCO_THING_IDS
 from ..model_zoo import get_config_file
 
-__all__ = ["randomize_", "fixed_images", "compare_official", "compare_mixed_selection", "pinned_ranking", "verdict"]
+__all__ = [
+    "randomize_", "fixed_images", "input_sets", "comparison_figures", "aggregate_figures", "compare_official", "compare_mixed_selection",
+    "pinned_ranking", "mixed_selection_verdict", "verdict",
+]
 
 PIXEL_MEAN = torch.tensor([123.675, 116.280, 103.530]).view(3, 1, 1)
 PIXEL_STD = torch.tensor([58.395, 57.120, 57.375]).view(3, 1, 1)
@@ -141,8 +145,12 @@ def _stub_modules(names):
             sys.modules[name] = module
 
 
-def build_official_co_detr(src):
-    """Co-DETR's Co-Deformable-DETR R-50 from its mmdet 2.x config (needs mmcv 1.x's Python package)."""
+CO_DEFORMABLE_DETR_CONFIG = "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"
+
+
+def build_official_co_detr(src, config=CO_DEFORMABLE_DETR_CONFIG):
+    """A Co-DETR release from its mmdet 2.x `config` (a path in the checkout `src`; default Co-Deformable-DETR
+    R-50), built with the checkout's mmdet and mmcv 1.x's Python package."""
     sys.path.insert(0, os.path.abspath(src))
     ext = types.ModuleType("mmcv._ext")  # mmcv's compiled ops: not used on the CPU path
 
@@ -173,16 +181,22 @@ def build_official_co_detr(src):
 
     get_logger("mmcv", log_level=logging.ERROR)  # its weight-init report, one line per parameter
 
-    cfg = Config.fromfile(os.path.join(src, "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"))
+    cfg = Config.fromfile(os.path.join(src, config))
     cfg.model.backbone.init_cfg = None  # no pretrained download
     model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
     return model.eval()
 
 
-def _run_official_co_detr(official, image):
-    """The query head's last-layer logits and boxes of one image (what `simple_test_query_head` decodes)."""
-    batch = ((image - PIXEL_MEAN) / PIXEL_STD)[None]
-    metas = [{"batch_input_shape": tuple(batch.shape[-2:]), "img_shape": (*image.shape[1:], 3)}]
+def _run_official_co_detr(official, images):
+    """The query head's last-layer logits and boxes of `images` (normalised, zero-padded at the bottom / right
+    into one batch as mmdet's collate pads them): what `simple_test_query_head` decodes. `enc_logits`: the
+    encoder's class logits of every token (Co-Deformable-DETR; Co-DINO returns those of its top-k only)."""
+    normalised = [(im - PIXEL_MEAN) / PIXEL_STD for im in images]
+    height, width = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    batch = normalised[0].new_zeros(len(images), 3, height, width)
+    for b, im in zip(batch, normalised):
+        b[:, : im.shape[1], : im.shape[2]].copy_(im)
+    metas = [{"batch_input_shape": (height, width), "img_shape": (*im.shape[1:], 3)} for im in images]
     feats = official.extract_feat(batch, metas)
     classes, boxes, enc_classes = official.query_head(feats, metas)[:3]
     return {"pred_logits": classes[-1], "pred_boxes": boxes[-1], "enc_logits": enc_classes}
@@ -256,10 +270,11 @@ def _inputs(images):
     return [{"image": im, "height": im.shape[1], "width": im.shape[2]} for im in images]
 
 
-def compare_official(model, src, variant="plain", seed=0):
-    """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official."""
+def compare_official(model, src, variant="plain", seed=0, inputs=("single",)):
+    """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official.
+    `inputs`: for dac_detr and co_detr, which of `input_sets` to run (the others: the two images as one batch)."""
     if model in ("dac_detr", "co_detr"):
-        return compare_mixed_selection(model, src, seed)
+        return compare_mixed_selection(model, src, seed, inputs)
     official, ours, conversion = _build_pair(model, src, variant, seed)
     images = fixed_images(seed + 1)
     with torch.no_grad():
@@ -292,72 +307,123 @@ def pinned_ranking(ours, scores):
         del heads.predict
 
 
-def compare_mixed_selection(model, src, seed=0):
-    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours, one image at a time (a batch would pad, and the official top-k
-    also ranks padding tokens, which ours masks out: the one deliberate difference, README).
+INPUT_SETS = ("single", "batch", "coco")
+
+
+def input_sets(seed, inputs=INPUT_SETS, coco_size=(800, 1066)):
+    """{name: list of batches (lists of images)} for the names in `inputs`: `single`, the two `fixed_images`
+    one at a time; `batch`, the same two as one padded batch; `coco`, one image of a COCO-like size."""
+    from .dino_comparison import coco_like_image
+
+    images = fixed_images(seed + 1)
+    runs = {"single": [[im] for im in images], "batch": [images], "coco": [[coco_like_image(seed + 2, coco_size)]]}
+    unknown = sorted(set(inputs) - set(runs))
+    if unknown:
+        raise ValueError(f"unknown inputs {unknown}: choose from {INPUT_SETS}")
+    return {name: runs[name] for name in inputs}
+
+
+def _mixed_selection_figures(model, official, ours, images, captured):
+    """The figures of `compare_mixed_selection` for one batch of images."""
+    with torch.no_grad():
+        if model == "dac_detr":
+            theirs = _run_official(official, images, targets_argument=True)
+            scores = captured["enc"][..., 0]
+        else:
+            theirs = _run_official_co_detr(official, images)
+            scores = theirs["enc_logits"][..., 0]
+        mine = ours.raw_predictions(_inputs(images))
+        padded, padding_mask = ours.preprocess_image(_inputs(images))
+        memory = ours.encode(padded.tensor, padding_mask)
+        _, valid = ours.query_source.token_proposals(memory)
+        our_scores = ours.query_source(memory)[1][0][..., 0]
+        with pinned_ranking(ours, scores):
+            pinned = ours.raw_predictions(_inputs(images))
+    # Tokens that take part in the ranking: every token as the official code (TWO_STAGE_MASK_INVALID False),
+    # else the valid ones only.
+    ranked = valid if ours.query_source.mask_invalid else torch.ones_like(valid)
+    return comparison_figures(
+        mine, pinned, theirs, (our_scores - scores)[ranked].abs().max().item(), scores,
+        our_scores.masked_fill(~ranked, float("-inf")), ours.query_source.num_queries,
+    )
+
+
+def comparison_figures(mine, pinned, theirs, encoder_difference, their_scores, our_scores, k):
+    """The figures of one compared batch: max |difference| of the last layer's logits and boxes, free-running
+    (`mine`) and with the official top-k order (`pinned`), the encoder's (`encoder_difference`), and where the
+    two top-k rankings (scores (N, S), k best) differ: `swaps` positions, at most `swap_gap` apart in the
+    official scores."""
+    free, fixed = _differences(mine, theirs), _differences(pinned, theirs)
+    their_top, our_top = their_scores.topk(k, dim=1).indices, our_scores.topk(k, dim=1).indices
+    swapped = their_top != our_top
+    gap = 0.0
+    if swapped.any():
+        gap = (their_scores.gather(1, their_top) - their_scores.gather(1, our_top)).abs()[swapped].max().item()
+    return {
+        "logits": free["logits"], "boxes": free["boxes"], "pinned_logits": fixed["logits"], "pinned_boxes": fixed["boxes"],
+        "encoder_logits": encoder_difference, "logit_scale": free["logit_scale"], "swaps": int(swapped.sum()), "swap_gap": gap,
+    }
+
+
+def compare_mixed_selection(model, src, seed=0, inputs=("single",)):
+    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours on the `input_sets` named in `inputs`
+    (one image at a time, a padded batch, a COCO-sized image). Their configs rank the two-stage proposals
+    as the official code (TWO_STAGE_MASK_INVALID False: padding tokens and border proposals too), so a
+    padded batch and a COCO-sized image (which has border proposals) select the same proposals.
 
     With mixed selection the order of the top-k proposals matters (content query i goes with the
     i-th proposal), so two proposals whose encoder scores are tied within float32 noise can swap
-    places in either implementation and change every output. Measured three ways:
-    `encoder_logits`: max |diff| of the encoder's proposal scores (logit 0, valid tokens);
+    places in either implementation and change every output. Measured three ways, per input set:
+    `encoder_logits`: max |diff| of the encoder's proposal scores (logit 0, every ranked token);
     `logits` / `boxes`: free-running outputs; `pinned_*`: our outputs with our top-k ranked by the
     official scores (same order; all else ours); `swaps`: top-k positions whose proposal differs,
     and `swap_gap`: the largest official score gap between the proposals swapped there."""
     official, ours, conversion = _build_pair(model, src, "", seed)
     captured = {}
     if model == "dac_detr":
-        official.transformer.register_forward_hook(lambda module, inputs, outputs: captured.update(enc=outputs[3]))
-    result = {"config": conversion.config_name, "logits": 0.0, "boxes": 0.0, "pinned_logits": 0.0, "pinned_boxes": 0.0,
-              "encoder_logits": 0.0, "logit_scale": 0.0, "swaps": 0, "swap_gap": 0.0}
-    for image in fixed_images(seed + 1):
-        with torch.no_grad():
-            if model == "dac_detr":
-                theirs = _run_official(official, [image], targets_argument=True)
-                scores = captured["enc"][..., 0]
-            else:
-                theirs = _run_official_co_detr(official, image)
-                scores = theirs["enc_logits"][..., 0]
-            mine = ours.raw_predictions(_inputs([image]))
-            images, padding_mask = ours.preprocess_image(_inputs([image]))
-            memory = ours.encode(images.tensor, padding_mask)
-            _, valid = ours.query_source.token_proposals(memory)
-            our_scores = ours.query_source(memory)[1][0][..., 0]
-            with pinned_ranking(ours, scores):
-                pinned = ours.raw_predictions(_inputs([image]))
-        k = ours.query_source.num_queries
-        their_top, our_top = scores.topk(k, dim=1).indices, our_scores.masked_fill(~valid, float("-inf")).topk(k, dim=1).indices
-        swapped = their_top != our_top
-        free, fixed = _differences(mine, theirs), _differences(pinned, theirs)
-        result["logits"] = max(result["logits"], free["logits"])
-        result["boxes"] = max(result["boxes"], free["boxes"])
-        result["pinned_logits"] = max(result["pinned_logits"], fixed["logits"])
-        result["pinned_boxes"] = max(result["pinned_boxes"], fixed["boxes"])
-        result["logit_scale"] = max(result["logit_scale"], free["logit_scale"])
-        result["encoder_logits"] = max(result["encoder_logits"], (our_scores - scores)[valid].abs().max().item())
-        result["swaps"] += int(swapped.sum())
-        if swapped.any():
-            gap = (scores.gather(1, their_top) - scores.gather(1, our_top)).abs()[swapped].max().item()
-            result["swap_gap"] = max(result["swap_gap"], gap)
+        official.transformer.register_forward_hook(lambda module, args, outputs: captured.update(enc=outputs[3]))
+    result = {"config": conversion.config_name, "model": model, "seed": seed}
+    for name, batches in input_sets(seed, inputs).items():
+        result[name] = aggregate_figures([_mixed_selection_figures(model, official, ours, images, captured) for images in batches])
     return result
 
 
-def verdict(model, variant, result, tolerance):
-    """The comparison's line and whether it passes: every difference within `tolerance`; with mixed
-    selection, the outputs with the official top-k order within it, and the free-running ones too unless
-    every place where the orders differ is a tie of the official scores within the encoder's float32 noise."""
-    if model in ("dac_detr", "co_detr"):
-        ties_only = result["swap_gap"] <= max(2 * result["encoder_logits"], 1e-6)
-        ok = max(result["pinned_logits"], result["pinned_boxes"], result["encoder_logits"]) <= tolerance and (
-            max(result["logits"], result["boxes"]) <= tolerance or ties_only
+def aggregate_figures(figures):
+    """One input set's figures over its batches: the largest difference, the swaps summed."""
+    return {key: (sum if key == "swaps" else max)(f[key] for f in figures) for key in figures[0]}
+
+
+def mixed_selection_verdict(result, tolerance):
+    """One line per input set of a mixed-selection comparison (`compare_mixed_selection`, or Co-DINO's) and
+    whether all pass: the encoder logits and the outputs with the official top-k order within `tolerance`,
+    and the free-running outputs too unless every place where the orders differ is a tie of the official
+    scores within the encoder's float32 noise."""
+    lines, ok_all = [], True
+    for name in INPUT_SETS:
+        if name not in result:
+            continue
+        r = result[name]
+        ties_only = r["swap_gap"] <= max(2 * r["encoder_logits"], 1e-6)
+        ok = max(r["pinned_logits"], r["pinned_boxes"], r["encoder_logits"]) <= tolerance and (
+            max(r["logits"], r["boxes"]) <= tolerance or ties_only
         )
-        line = (
-            f"{model} ({result['config']}): encoder proposal scores max |diff| {result['encoder_logits']:.3g}; "
-            f"with the official top-k order: logits {result['pinned_logits']:.3g} (logits up to {result['logit_scale']:.3g}), "
-            f"boxes {result['pinned_boxes']:.3g}; free-running: logits {result['logits']:.3g}, boxes {result['boxes']:.3g} "
-            f"({result['swaps']} top-k positions swapped, official score gap at most {result['swap_gap']:.3g}: "
+        ok_all &= ok
+        lines.append(
+            f"{result['model']} ({result['config']}) seed {result['seed']} {name}: encoder logits max |diff| "
+            f"{r['encoder_logits']:.3g}; with the official top-k order: logits {r['pinned_logits']:.3g} (logits up to "
+            f"{r['logit_scale']:.3g}), boxes {r['pinned_boxes']:.3g}; free-running: logits {r['logits']:.3g}, boxes "
+            f"{r['boxes']:.3g} ({r['swaps']} top-k positions swapped, official score gap at most {r['swap_gap']:.3g}: "
             f"{'near-ties only' if ties_only else 'NOT ties'}); tolerance {tolerance:g}: {'OK' if ok else 'FAIL'}"
         )
-        return line, ok
+    return lines, ok_all
+
+
+def verdict(model, variant, result, tolerance):
+    """The comparison's line(s) and whether it passes: every difference within `tolerance`; with mixed
+    selection, one line per input set (`mixed_selection_verdict`)."""
+    if model in ("dac_detr", "co_detr"):
+        lines, ok = mixed_selection_verdict(result, tolerance)
+        return "\n".join(lines), ok
     ok = max(result["logits"], result["boxes"]) <= tolerance
     line = (
         f"{model} {variant}: max |diff| logits {result['logits']:.3g} (logits up to {result['logit_scale']:.3g}), "

@@ -20,6 +20,8 @@ from .common import (
 from . import deformable_detr  # noqa: F401  (registers "deformable_detr")
 from . import dac_detr  # noqa: F401  (registers "dac_detr")
 from . import co_detr  # noqa: F401  (registers "co_detr")
+from . import dino  # noqa: F401  (registers "dino")
+from . import co_dino  # noqa: F401  (registers "co_dino")
 
 __all__ = [
     "CONVERTERS",

@@ -19,6 +19,7 @@ __all__ = [
     "ConversionError",
     "StateDictReader",
     "coco91_to_80",
+    "convert_torchvision_backbone",
     "check_against_config",
     "convert_file",
     "load_official_checkpoint",
@@ -102,6 +103,19 @@ def torchvision_resnet_to_detectron2(name: str) -> str:
         stage, block, which, leaf = m.groups()
         return f"res{int(stage) + 1}.{block}.shortcut." + ("norm." if which == "1" else "") + leaf
     raise ConversionError(f"not a torchvision ResNet parameter: {name!r}")
+
+
+def convert_torchvision_backbone(reader, out: Dict[str, torch.Tensor], hint: str = "") -> None:
+    """The official `backbone.0.body.*` (a torchvision ResNet) -> `out["backbone.*"]` (detectron2's
+    ResNet, FrozenBN buffers included); `hint` ends the error when there is none."""
+    for key in reader.keys_with_prefix("backbone.0.body."):
+        name = key[len("backbone.0.body."):]
+        if name.endswith("num_batches_tracked"):
+            reader.mark_used([key])
+            continue
+        out["backbone." + torchvision_resnet_to_detectron2(name)] = reader.get(key)
+    if "backbone.stem.conv1.weight" not in out:
+        raise ConversionError(f"{reader.model} checkpoint: no torchvision ResNet under 'backbone.0.body.'{hint}")
 
 
 class StateDictReader:

@@ -1,5 +1,5 @@
 """The official DAC-DETR release (huzhengdongcs/DAC-DETR, R-50, 12 epochs: `configs/
-r50_deformplus_cdn_ice_ep12.sh`, "dac_cdn_ice") -> HybridDETR with DECODER_MODE "dac".
+r50_deformplus_cdn_ice_ep12.sh`, "dac_cdn_ice") -> HybridDETR with DECODER_MODE "dn+dac".
 
 Key names as in the release's model definition (`models/deformable_detr.py`,
 `deformable_transformer.py`, `dn_components.py`): H-DETR's Deformable DETR with two-stage + box
@@ -9,9 +9,11 @@ refinement, i.e. the layout of an official Deformable DETR "++ two-stage" checkp
 
 - `query_embed.weight` (900, 256): the learned content queries of mixed query selection
   -> `query_source.content.weight`;
-- `label_enc.weight` (92, 256): CDN's label embedding for the denoising queries, used in training
-  only (at inference it enters the output as `0.0 * label_enc.weight[0, 0]`) -> dropped. Fine-tuning
-  a converted model here trains without CDN (HybridDETR has no denoising queries).
+- `label_enc.weight` (92, 256): CDN's label embedding of the denoising queries (training only; at
+  inference it enters the output as `0.0 * label_enc.weight[0, 0]`), rows indexed by COCO category id
+  (91 slots + 1 never used) -> the dn mode's `main_passes.dn.label_embedding.weight` (81, 256): the 80
+  thing classes' rows in detectron2's order, then the unused last row. Fine-tuning a converted model
+  trains with denoising, as the release did.
 
 The C-decoder reuses the O-decoder's cross-attention, FFN, norms and heads (no parameter of its
 own), and look-forward-twice changes gradients only, so nothing else is needed. The shared part is
@@ -21,16 +23,16 @@ from typing import Dict
 
 import torch
 
-from .common import Conversion, ConversionError, register_converter
+from .common import Conversion, ConversionError, coco91_to_80, register_converter
 from .deformable_detr import convert_deformable_detr
 from .kinds import describe_kind
 
 __all__ = ["convert_dac_detr", "CONFIG"]
 
-CONFIG = "coco/dac_deformable_detr_pp_r50_12ep_release.yaml"
+CONFIG = "coco/dac_dino_r50_12ep_release.yaml"
 DESCRIPTION = (
     "DAC-DETR release (dac_cdn_ice), R-50, 12 epochs: Deformable-DETR++ (two-stage + box refinement, mixed "
-    "selection, look-forward-twice, 900 queries, FFN 2048) with the DAC C-decoder"
+    "selection, look-forward-twice, 900 queries, FFN 2048) with the DAC C-decoder and CDN denoising"
 )
 # Keys only a DAC-DETR release has, or that it must have (two-stage + refinement).
 _MARKERS = (
@@ -70,9 +72,11 @@ def convert_dac_detr(official: Dict[str, torch.Tensor]) -> Conversion:
         raise ConversionError(f"dac_detr checkpoint (its Deformable-DETR++ part): {e}") from None
     state_dict = dict(base.state_dict)
     state_dict["query_source.content.weight"] = content.detach().clone()
+    # COCO-id rows -> detectron2's 80 classes, then the label book's last (unused) row.
+    state_dict["main_passes.dn.label_embedding.weight"] = torch.cat((coco91_to_80(label_enc[:91]), label_enc[91:]))
     notes = list(base.notes) + [
         "query_embed -> mixed selection's learned content queries (query_source.content)",
-        "label_enc (CDN's label embedding, training only) dropped: fine-tuning this model here trains without CDN",
+        "label_enc (CDN's label embedding, 91 COCO-id slots + 1) -> the dn mode's label embedding (80 classes + 1)",
         "C-decoder: shares every weight of the decoder (no parameter of its own); not run at inference",
     ]
     return Conversion(state_dict, CONFIG, DESCRIPTION, notes)

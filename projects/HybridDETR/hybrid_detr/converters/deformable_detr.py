@@ -19,7 +19,7 @@ from .common import (
     StateDictReader,
     coco91_to_80,
     register_converter,
-    torchvision_resnet_to_detectron2,
+    convert_torchvision_backbone,
 )
 
 __all__ = ["convert_deformable_detr"]
@@ -78,14 +78,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     notes = []
 
     # Backbone: torchvision ResNet -> detectron2 ResNet (FrozenBN buffers included).
-    for key in reader.keys_with_prefix("backbone.0.body."):
-        name = key[len("backbone.0.body."):]
-        if name.endswith("num_batches_tracked"):
-            reader.mark_used([key])
-            continue
-        out["backbone." + torchvision_resnet_to_detectron2(name)] = reader.get(key)
-    if "backbone.stem.conv1.weight" not in out:
-        raise ConversionError("deformable_detr checkpoint: no torchvision ResNet under 'backbone.0.body.'")
+    convert_torchvision_backbone(reader, out)
 
     # Input projections: the backbone levels, then the extra stride-2 levels.
     num_levels = _layer_count(reader, "input_proj.")

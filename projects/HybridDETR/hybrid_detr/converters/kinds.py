@@ -12,10 +12,15 @@ def describe_kind(state_dict: Dict[str, torch.Tensor]) -> str:
     keys = set(state_dict)
     if any(k.startswith("query_head.") for k in keys):
         aux = sorted({k.split(".")[0] for k in keys if k.split(".")[0] in ("rpn_head", "roi_head", "bbox_head")})
-        return "an mmdet Co-DETR checkpoint (query_head.*" + (", " + ", ".join(f"{a}.*" for a in aux) if aux else "") + ")"
+        # Co-DINO's query head (CoDINOHead): DINO's decoder (ref_point_head) and a denoising label embedding.
+        kind = "Co-DINO" if "query_head.label_embedding.weight" in keys else "Co-DETR"
+        return f"an mmdet {kind} checkpoint (query_head.*" + (", " + ", ".join(f"{a}.*" for a in aux) if aux else "") + ")"
     if any(k.startswith(("neck.", "bbox_head.", "roi_head.")) for k in keys):
         return "an mmdet checkpoint of another detector (neck.* / *_head.* keys, no query_head.*)"
     if "transformer.level_embed" in keys:
+        if "transformer.decoder.ref_point_head.layers.0.weight" in keys:
+            levels = {k.split(".")[1] for k in keys if k.startswith("input_proj.")}
+            return f"a DINO checkpoint ({len(levels)} scales)"
         if "label_enc.weight" in keys:
             return "a DAC-DETR (DINO-style, CDN label_enc) checkpoint"
         two_stage = "transformer.enc_output.weight" in keys

@@ -54,26 +54,44 @@ class HybridDETR(nn.Module):
         self.backbone = build_backbone(cfg)
         self.in_features = list(m.IN_FEATURES)
         in_channels, in_strides = backbone_levels(self.backbone.output_shape(), self.in_features)
-        self.neck = MultiScaleNeck(in_channels, in_strides, m.HIDDEN_DIM, m.NUM_FEATURE_LEVELS)
+        self.neck = MultiScaleNeck(
+            in_channels, in_strides, m.HIDDEN_DIM, m.NUM_FEATURE_LEVELS, m.POSITION_TEMPERATURE, m.POSITION_OFFSET
+        )
         self.level_embed = nn.Parameter(torch.empty(m.NUM_FEATURE_LEVELS, m.HIDDEN_DIM).normal_())
 
         encoder_layer = DeformableEncoderLayer(
             m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NUM_FEATURE_LEVELS, m.NHEADS, m.ENC_N_POINTS
         )
         self.encoder = DeformableEncoder(encoder_layer, m.ENC_LAYERS)
-        heads = PredictionHeads(m.HIDDEN_DIM, m.NUM_CLASSES, m.DEC_LAYERS, m.WITH_BOX_REFINE, m.TWO_STAGE)
+        heads = PredictionHeads(
+            m.HIDDEN_DIM, m.NUM_CLASSES, m.DEC_LAYERS, m.WITH_BOX_REFINE, m.TWO_STAGE,
+            share_decoder_heads=m.SHARE_DECODER_HEADS, inverse_sigmoid_eps=m.INVERSE_SIGMOID_EPS,
+        )
         layers = build_decoder_layers(
             m.DEC_LAYERS, m.HIDDEN_DIM, m.DIM_FEEDFORWARD, m.DROPOUT, m.NHEADS, lambda: self.mode.build_cross_attention(cfg)
         )
         self.decoder = DeformableDecoder(
-            layers, heads, refine_boxes=m.WITH_BOX_REFINE, look_forward_twice=m.LOOK_FORWARD_TWICE
+            layers, heads, refine_boxes=m.WITH_BOX_REFINE, look_forward_twice=m.LOOK_FORWARD_TWICE,
+            query_position_from_reference=m.QUERY_POSITION_FROM_REFERENCE, final_norm=m.DECODER_FINAL_NORM,
         )
+        if m.TWO_STAGE_ENCODER_LOSS not in ("class_agnostic", "class_aware_topk"):
+            raise ValueError(
+                "MODEL.HYBRID_DETR.TWO_STAGE_ENCODER_LOSS must be 'class_agnostic' or 'class_aware_topk', "
+                f"got {m.TWO_STAGE_ENCODER_LOSS!r}"
+            )
+        self.class_aware_encoder_loss = m.TWO_STAGE_ENCODER_LOSS == "class_aware_topk"
         if m.TWO_STAGE:
             self.query_source = TwoStageQueries(
-                m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION, mask_invalid=m.TWO_STAGE_MASK_INVALID
+                m.NUM_QUERIES, m.HIDDEN_DIM, heads, mixed_selection=m.MIXED_SELECTION, mask_invalid=m.TWO_STAGE_MASK_INVALID,
+                ranking=m.TWO_STAGE_RANKING, position_from_decoder=m.QUERY_POSITION_FROM_REFERENCE,
+                selected_encoder_outputs=self.class_aware_encoder_loss,
             )
         elif m.MIXED_SELECTION:
             raise ValueError("MODEL.HYBRID_DETR.MIXED_SELECTION needs TWO_STAGE: True (it selects encoder proposals)")
+        elif m.QUERY_POSITION_FROM_REFERENCE:
+            raise ValueError(
+                "MODEL.HYBRID_DETR.QUERY_POSITION_FROM_REFERENCE needs TWO_STAGE: True (positions from 4-d reference boxes)"
+            )
         else:
             self.query_source = LearnedQueries(m.NUM_QUERIES, m.HIDDEN_DIM)
 
@@ -113,13 +131,19 @@ class HybridDETR(nn.Module):
             aux_loss=self.aux_loss,
         )
         if encoder_predictions is not None:
-            # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):
-            # every target is labelled 0, matched and trained (focal over all K outputs, so the
-            # other K-1 stay background) on that binary problem; proposals are ranked by logit 0.
             logits, boxes = encoder_predictions
-            binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            assignment = self.matcher(logits, boxes, binary_targets)
-            enc_losses = self.criterion(logits, boxes, binary_targets, assignment, num_boxes, self.criterion.focal)
+            if self.class_aware_encoder_loss:
+                # DINO's "interm" loss (models/dino/dino.py:588-604): the selected top-k proposals
+                # (the query source returns only those), Hungarian-matched to the real labels and
+                # trained with the decoder's focal / L1 / GIoU and weights (interm_loss_coef 1.0).
+                encoder_targets = targets
+            else:
+                # Two-stage encoder head, class-agnostic as in the official code (its `bin_targets`):
+                # every target is labelled 0, matched and trained (focal over all K outputs, so the
+                # other K-1 stay background) on that binary problem; proposals are ranked by logit 0.
+                encoder_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            assignment = self.matcher(logits, boxes, encoder_targets)
+            enc_losses = self.criterion(logits, boxes, encoder_targets, assignment, num_boxes, self.criterion.focal)
             losses.update({f"enc_{k}": v for k, v in enc_losses.items()})
         for name, hook in self.main_passes.items():
             extra, output = extras.get(name, (None, None))  # None: the hook added no query this step

@@ -12,10 +12,22 @@ class MultiScaleNeck(nn.Module):
     """1x1 conv + GroupNorm on each backbone level, plus extra levels by 3x3 stride-2 convs.
 
     Deformable DETR's input: C3-C5 projected to `hidden_dim` and a fourth level made from C5.
-    Each level comes with its padding mask (True on padding) and sine position embedding.
+    Each level comes with its padding mask (True on padding) and sine position embedding
+    (`position_temperature` / `position_offset`: see `PositionEmbeddingSine`; DINO: 20 and 0).
+    DINO's 5-scale model (config/DINO/DINO_5scale.py:32,55: `return_interm_indices = [0, 1, 2, 3]`,
+    `num_feature_levels = 5`) is C2-C5 plus one level made from C5 in the same way
+    (models/dino/dino.py:106-110, 247-259: the first extra level convolves the backbone's last map).
     """
 
-    def __init__(self, in_channels: List[int], in_strides: List[int], hidden_dim: int, num_levels: int):
+    def __init__(
+        self,
+        in_channels: List[int],
+        in_strides: List[int],
+        hidden_dim: int,
+        num_levels: int,
+        position_temperature: float = 10000,
+        position_offset: float = -0.5,
+    ):
         super().__init__()
         if num_levels < len(in_channels):
             raise ValueError(
@@ -38,7 +50,7 @@ class MultiScaleNeck(nn.Module):
             channels = hidden_dim
         self.extra_proj = nn.ModuleList(extra)
         self.strides = list(in_strides) + [in_strides[-1] * 2 ** (i + 1) for i in range(len(extra))]
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, position_temperature, position_offset)
         for proj in list(self.input_proj) + list(self.extra_proj):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)

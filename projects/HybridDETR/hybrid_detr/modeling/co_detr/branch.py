@@ -80,6 +80,13 @@ class CoDETRBranch(nn.Module):
                 f"got {co.NUM_AUX_HEADS}"
             )
         names = AUX_HEAD_NAMES[: co.NUM_AUX_HEADS]
+        if names and m.QUERY_POSITION_FROM_REFERENCE and co.HEAD_EMBED != "none":
+            # The decoder recomputes every position from the reference box: a per-head embedding
+            # added to the position would never be used (and DDP refuses parameters without gradient).
+            raise ValueError(
+                "MODEL.HYBRID_DETR.CO_DETR.HEAD_EMBED must be 'none' with QUERY_POSITION_FROM_REFERENCE: True "
+                f"(got {co.HEAD_EMBED!r}; the decoder ignores the positive queries' positions)"
+            )
         adapter = MultiScaleAdapter(m.HIDDEN_DIM, level_strides) if names else None
         builders = {
             "atss": lambda: ATSSHead(

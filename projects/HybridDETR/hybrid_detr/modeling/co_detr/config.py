@@ -37,6 +37,8 @@ def add_co_detr_config(cfg):
     # "scalar": the official R-50 release, nn.Embedding(num_co_heads, 1, ...) -- one learned
     # scalar per head, added to every channel (kept there "for reproducing our results with
     # ResNet-50"); "vector": one d-vector per head (the fix the authors suggest).
+    # "none": no per-head embedding; what a decoder that recomputes positions from the reference boxes
+    # (QUERY_POSITION_FROM_REFERENCE, Co-DINO) needs, since the embedding would get no gradient there.
     co.HEAD_EMBED = "scalar"
 
     # ---- ATSS (bbox_head in the official config, lines 126-150, and train_cfg line 199)

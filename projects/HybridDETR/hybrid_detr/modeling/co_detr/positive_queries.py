@@ -39,7 +39,7 @@ from ..position_encoding import box_sine_embedding
 # Reference box of the padding queries (any valid box: they are masked everywhere).
 PADDING_BOX = (0.5, 0.5, 0.5, 0.5)
 POS_QUERY_SUBSETS = ("random", "best")
-HEAD_EMBEDS = ("scalar", "vector")
+HEAD_EMBEDS = ("scalar", "vector", "none")
 
 
 @dataclass
@@ -154,7 +154,8 @@ class PositiveQueryEmbedding(nn.Module):
 
     `head_embed` "scalar": one learned scalar added to every channel of the position, the
     official R-50 release (`nn.Embedding(num_co_heads, 1, 1, d)`, i.e. embedding_dim 1); "vector":
-    a d-vector. Initialisation as the official `init_weights` (xavier-uniform on every >1-d
+    a d-vector; "none": no head embedding (for a decoder that recomputes every query's position
+    from its reference box, QUERY_POSITION_FROM_REFERENCE, where it would be unused). Initialisation as the official `init_weights` (xavier-uniform on every >1-d
     parameter of the transformer): the two Linear weights, and the head embedding as one row
     of a (num_heads, 1 or d) table."""
 
@@ -167,9 +168,12 @@ class PositiveQueryEmbedding(nn.Module):
         self.box_norm = nn.LayerNorm(2 * d_model)  # aux_pos_trans_norm
         self.feature_proj = nn.Linear(d_model, d_model)  # pos_feats_trans
         self.feature_norm = nn.LayerNorm(d_model)  # pos_feats_norm
-        width = 1 if head_embed == "scalar" else d_model
-        bound = math.sqrt(6.0 / (num_heads + width))  # xavier-uniform of a (num_heads, width) table
-        self.head_embed = nn.Parameter(torch.empty(width).uniform_(-bound, bound))
+        if head_embed == "none":
+            self.head_embed = None
+        else:
+            width = 1 if head_embed == "scalar" else d_model
+            bound = math.sqrt(6.0 / (num_heads + width))  # xavier-uniform of a (num_heads, width) table
+            self.head_embed = nn.Parameter(torch.empty(width).uniform_(-bound, bound))
         nn.init.xavier_uniform_(self.box_proj.weight)
         nn.init.xavier_uniform_(self.feature_proj.weight)
 
@@ -178,5 +182,6 @@ class PositiveQueryEmbedding(nn.Module):
         sine = box_sine_embedding(packed.boxes.clamp(0.0, 1.0), self.d_model // 2)  # (N, M, 2d)
         position, content = self.box_norm(self.box_proj(sine.to(dtype))).split(self.d_model, dim=-1)
         content = content + self.feature_norm(self.feature_proj(packed.features.to(dtype)))
-        position = position + self.head_embed.to(dtype)
+        if self.head_embed is not None:
+            position = position + self.head_embed.to(dtype)
         return content, position, packed.boxes.to(dtype)
