@@ -183,3 +183,19 @@ def test_inference_returns_top_k_detections_inside_the_original_image():
     boxes = instances.pred_boxes.tensor
     assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= 256).all() and (boxes[:, 1::2] <= 192).all()
     assert ((instances.pred_classes >= 0) & (instances.pred_classes < NUM_CLASSES)).all()
+
+
+def test_giou_eps_is_the_official_one():
+    """GIoU loss with GIOU_EPS added to the union and the enclosing area: 0 as Deformable DETR's
+    util/box_ops.py (exact 1 - GIoU), 1e-6 as DINO's."""
+    boxes = torch.tensor([[[0.5, 0.5, 0.02, 0.02]]])
+    targets = [target([0], [[0.51, 0.5, 0.02, 0.02]])]
+    assignment = Assignment(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    logits = torch.zeros(1, 1, 2)
+    exact = DetectionCriterion(num_classes=2, giou_weight=1.0)(logits, boxes, targets, assignment, 1.0)["loss_giou"]
+    # IoU of two 0.02-boxes shifted by half a side: 1/3; the enclosing box is the union: GIoU = 1/3.
+    assert exact.item() == pytest.approx(2 / 3, abs=1e-6)
+    dino = DetectionCriterion(num_classes=2, giou_weight=1.0, giou_eps=1e-6)(logits, boxes, targets, assignment, 1.0)
+    union = 0.02 * 0.03
+    assert dino["loss_giou"].item() == pytest.approx(1 - (union / 3) / (union + 1e-6), abs=1e-6)
+    assert tiny_cfg().MODEL.HYBRID_DETR.GIOU_EPS == 0.0

@@ -88,6 +88,10 @@ def add_hybrid_detr_config(cfg):
     model.CLASS_WEIGHT = 2.0
     model.L1_WEIGHT = 5.0
     model.GIOU_WEIGHT = 2.0
+    # Added to the union and to the enclosing box's area in the GIoU loss: 0 as the official Deformable
+    # DETR and DAC-DETR (util/box_ops.py `generalized_box_iou`); DINO adds 1e-6 (util/box_ops.py:37, :63),
+    # which its configs set.
+    model.GIOU_EPS = 0.0
     model.COST_CLASS = 2.0
     model.COST_BBOX = 5.0
     model.COST_GIOU = 2.0

@@ -28,19 +28,15 @@ one-hot target) is set to ours.
   compared first (`compare_denoising_groups`): the official `prepare_for_cdn` run from the RNG state our
   hook drew its noise from gives the same labels, boxes and attention mask.
 
-What is not the same, and shows in the report: (1) our GIoU loss is torchvision's, with eps 1e-7 added to
-the union and the enclosing area; the official GIoU has none (Deformable DETR, DAC-DETR) or 1e-6 (DINO),
-a relative difference of about 1e-7 / area per pair (4e-5 for a box of 5% x 5% of the image): the report
-gives the GIoU terms again with the official eps (`giou_loss_eps`), where they agree to float32 rounding.
-(2) DAC-DETR's release starts its denoising queries from sigmoid(inverse_sigmoid(box)) with its eps 1e-5,
-ours (DINO's) 1e-3: the reference of a noised coordinate clipped to 0 or 1 differs (decoder input only,
-not the losses). (3) Where one query is among the best of two gts of one class, the release's IoU-aware
+The GIoU loss adds MODEL.HYBRID_DETR.GIOU_EPS to the union and the enclosing area: 0 as Deformable DETR
+and DAC-DETR, 1e-6 in the DINO configs, as the official `generalized_box_iou`s. The denoising references
+go through the model's INVERSE_SIGMOID_EPS (DAC-DETR's release 1e-5, DINO 1e-3), as the official ones.
+What is not the same, and shows in the report: where one query is among the best of two gts of one class, the release's IoU-aware
 BCE keeps the target written last (an index_put with a repeated index, unspecified in PyTorch), ours the
 larger: the report counts such entries (`dac_assignment_summary`); the synthetic targets never overlap,
 so that they have none.
 """
 import copy
-import functools
 import math
 import re
 import sys
@@ -75,7 +71,6 @@ __all__ = [
     "synthetic_loss_inputs",
     "compare_denoising_groups",
     "official_denoising_groups",
-    "giou_loss_eps",
     "compare_losses",
     "loss_report",
     "record_fixture",
@@ -713,25 +708,6 @@ def synthetic_setting(kind: str, seed: int):
     return config, opts, synthetic_loss_inputs(kind, seed, num_classes, num_queries, box_counts, dn_number=dn_number)
 
 
-# The eps of each official GIoU (util/box_ops.py `generalized_box_iou`), added to the union and the
-# enclosing area: none in Deformable DETR and DAC-DETR, 1e-6 in DINO. Ours: torchvision's default 1e-7.
-OFFICIAL_GIOU_EPS = {"deformable_detr": 0.0, "dac_detr": 0.0, "dino": 1e-6}
-
-
-@contextmanager
-def giou_loss_eps(eps: float):
-    """Within: our criterion's GIoU loss is torchvision's with `eps` instead of its default 1e-7 (a
-    relative change of the GIoU of about |eps - 1e-7| / area: 4e-5 for a box of 5% x 5% of the image)."""
-    from ..modeling import criterion as our_criterion
-
-    loss = our_criterion.generalized_box_iou_loss
-    our_criterion.generalized_box_iou_loss = functools.partial(loss, eps=eps)
-    try:
-        yield
-    finally:
-        our_criterion.generalized_box_iou_loss = loss
-
-
 def _loss_parity(kind: str, criterion, parts: OurLossParts, inputs: LossInputs) -> Dict:
     """The official losses of `inputs` and ours (for dac_detr with the release's subsample), compared."""
     theirs, records = official_losses(kind, criterion, inputs)
@@ -741,10 +717,6 @@ def _loss_parity(kind: str, criterion, parts: OurLossParts, inputs: LossInputs) 
         keys = keys_from_subsample(records, inputs.c_branch.num_layers, n, q)
     ours = our_losses(parts, inputs, cap_keys=keys, assignments=assignments)
     result = compare_terms(kind, ours, theirs)
-    # Diagnosis of the GIoU terms: ours again with the official code's GIoU eps.
-    with giou_loss_eps(OFFICIAL_GIOU_EPS[kind]):
-        exact = compare_terms(kind, our_losses(parts, inputs, cap_keys=keys), theirs)
-    result["giou_official_eps"] = max((t[4] for t in exact["terms"] if "giou" in t[0]), default=0.0)
     result["official"] = {k: float(v) for k, v in theirs.items()}
     result["scale"] = max((abs(v) for v in result["official"].values()), default=0.0)
     if records is not None:
@@ -886,10 +858,6 @@ def loss_report(kind: str, results: Dict, tolerance: float = 1e-4) -> Tuple[List
             lines.append(f"  ours without an official counterpart: {', '.join(r['only_ours'])}")
         if r["only_official"]:
             lines.append(f"  OFFICIAL TERMS MISSING FROM OURS: {', '.join(r['only_official'])}")
-        lines.append(
-            f"  GIoU terms if our GIoU loss had the official eps ({OFFICIAL_GIOU_EPS[kind]:g}, ours torchvision's 1e-7): "
-            f"max |diff| {r['giou_official_eps']:.3g}"
-        )
         lines.append(
             f"  max |difference| over {len(r['terms'])} terms: {worst:.3g} (weighted losses up to {r['scale']:.3g}); "
             f"tolerance {tolerance:g}: {'OK' if ok else 'FAIL'}"

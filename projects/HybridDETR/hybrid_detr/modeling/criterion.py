@@ -80,7 +80,9 @@ def num_boxes_across_workers(targets: List[Dict[str, torch.Tensor]], device) -> 
 
 class DetectionCriterion(nn.Module):
     """`classification` is the decoder's classification loss (a mode's one-to-one loss; None:
-    focal with CLASS_WEIGHT); `focal` is always available for the losses that keep it."""
+    focal with CLASS_WEIGHT); `focal` is always available for the losses that keep it. `giou_eps`
+    is added to the union and the enclosing area of the GIoU loss (GIOU_EPS; gt boxes have an area,
+    so 0 is safe)."""
 
     def __init__(
         self,
@@ -91,9 +93,11 @@ class DetectionCriterion(nn.Module):
         l1_weight=5.0,
         giou_weight=2.0,
         classification: Optional[ClassificationLossSpec] = None,
+        giou_eps: float = 0.0,
     ):
         super().__init__()
         self.num_classes = num_classes
+        self.giou_eps = giou_eps
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.l1_weight = l1_weight
@@ -123,7 +127,10 @@ class DetectionCriterion(nn.Module):
         # Sums over P pairs: with no objects in the batch they are a true zero, still in the graph.
         l1 = F.l1_loss(pairs.pred_boxes, pairs.gt_boxes, reduction="none").sum(-1)
         giou = generalized_box_iou_loss(
-            box_convert(pairs.pred_boxes, "cxcywh", "xyxy"), box_convert(pairs.gt_boxes, "cxcywh", "xyxy"), reduction="none"
+            box_convert(pairs.pred_boxes, "cxcywh", "xyxy"),
+            box_convert(pairs.gt_boxes, "cxcywh", "xyxy"),
+            reduction="none",
+            eps=self.giou_eps,
         )
         if pair_weight is not None:
             l1, giou = l1 * pair_weight, giou * pair_weight

@@ -98,7 +98,7 @@ class HybridDETR(nn.Module):
         self.matcher = HungarianMatcher(m.COST_CLASS, m.COST_BBOX, m.COST_GIOU, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
         self.criterion = DetectionCriterion(
             m.NUM_CLASSES, m.FOCAL_ALPHA, m.FOCAL_GAMMA, m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT,
-            classification=self.mode.build_one_to_one_classification(cfg),
+            classification=self.mode.build_one_to_one_classification(cfg), giou_eps=m.GIOU_EPS,
         )
         self.main_passes = nn.ModuleDict(self.mode.build_main_passes(cfg))
         self.branches = nn.ModuleDict(self.mode.build_branches(cfg, self.neck.strides))

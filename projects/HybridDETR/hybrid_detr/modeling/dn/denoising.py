@@ -13,8 +13,9 @@ Noise, drawn in the official order (so that seeding both codes alike gives the s
   (lines 63-67);
 - boxes: each corner of the xyxy box moves by u * (w/2, h/2) * BOX_NOISE_SCALE, u uniform in
   (-1, 1) for positives and in +-[1, 2) for negatives, then the box is clipped to the image (lines
-  75-92). The reference the decoder starts from is sigmoid(inverse_sigmoid(box)) with the official
-  eps 1e-3 (util/misc.py `inverse_sigmoid`), what the official decoder receives.
+  75-92). The reference the decoder starts from is sigmoid(inverse_sigmoid(box)), what the official
+  decoder receives, with the model's INVERSE_SIGMOID_EPS: DINO's 1e-3 (util/misc.py:575), DAC-DETR's
+  release 1e-5 (its util/misc.py); it matters for corners clipped to the image's border.
 
 Attention (lines 112-124): the one-to-one queries never see the denoising queries, the groups never
 see each other, a group sees itself and the one-to-one queries.
@@ -27,10 +28,6 @@ import torch
 from ..matcher import Assignment
 
 __all__ = ["DenoisingGroups", "DenoisingNoise", "draw_noise", "denoising_groups", "num_denoising_groups"]
-
-# The official inverse_sigmoid's eps (util/misc.py): a noised corner clipped to 0 starts at ~1e-3.
-OFFICIAL_INVERSE_SIGMOID_EPS = 1e-3
-
 
 def num_denoising_groups(dn_number: int, max_boxes: int) -> int:
     """G = max(1, 2 * dn_number // (2 * max_boxes)) (lines 35-47; 1 without boxes, or when
@@ -95,9 +92,11 @@ def denoising_groups(
     box_noise_scale: float,
     num_classes: int,
     noise: Optional[DenoisingNoise] = None,
+    inverse_sigmoid_eps: float = 1e-3,
 ) -> Optional[DenoisingGroups]:
     """The batch's denoising queries (None when no image has a box: nothing to denoise).
-    `noise`: the draws to use (default: drawn now, see `draw_noise`)."""
+    `noise`: the draws to use (default: drawn now, see `draw_noise`); `inverse_sigmoid_eps`: the
+    clamp of the references' round trip (1e-3 DINO's)."""
     counts = [len(t["labels"]) for t in targets]
     max_boxes = max(counts, default=0)
     if max_boxes == 0:
@@ -125,7 +124,7 @@ def denoising_groups(
         part = (noise.box_part + negative[:, None].float()) * noise.box_sign
         xyxy = (xyxy + part * half_size * box_noise_scale).clamp(min=0.0, max=1.0)
         known_boxes = torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), 1)
-    reference = _inverse_sigmoid(known_boxes, OFFICIAL_INVERSE_SIGMOID_EPS).sigmoid()
+    reference = _inverse_sigmoid(known_boxes, inverse_sigmoid_eps).sigmoid()
 
     n, single = len(targets), max_boxes
     num_queries = repeats * single

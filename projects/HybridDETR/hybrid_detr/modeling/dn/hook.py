@@ -38,6 +38,7 @@ class DenoisingQueries(MainPassHook):
         box_noise_scale: float = 1.0,
         aux_loss: bool = True,
         num_decoder_layers: int = 6,
+        inverse_sigmoid_eps: float = 1e-3,
     ):
         super().__init__()
         if dn_number < 1:
@@ -50,6 +51,7 @@ class DenoisingQueries(MainPassHook):
         self.box_noise_scale = box_noise_scale
         self.aux_loss = aux_loss
         self.num_decoder_layers = num_decoder_layers
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
         # The official `label_enc` (dino.py:81): labelbook_size + 1 rows, normal_ init (nn.Embedding's).
         self.label_embedding = nn.Embedding(labelbook_size + 1, hidden_dim)
 
@@ -73,11 +75,16 @@ class DenoisingQueries(MainPassHook):
             "box_noise_scale": dn.BOX_NOISE_SCALE,
             "aux_loss": m.AUX_LOSS,
             "num_decoder_layers": m.DEC_LAYERS,
+            # The noised boxes go through the decoder's inverse sigmoid (DINO 1e-3, DAC's release 1e-5).
+            "inverse_sigmoid_eps": m.INVERSE_SIGMOID_EPS,
         }
 
     def groups(self, targets) -> Optional[DenoisingGroups]:
         """This batch's denoising groups (noise drawn now), None without any gt box."""
-        return denoising_groups(targets, self.dn_number, self.label_noise_ratio, self.box_noise_scale, self.num_classes)
+        return denoising_groups(
+            targets, self.dn_number, self.label_noise_ratio, self.box_noise_scale, self.num_classes,
+            inverse_sigmoid_eps=self.inverse_sigmoid_eps,
+        )
 
     def queries(self, dn: DenoisingGroups, query_source, dtype) -> QueryGroup:
         """Content: the label embedding of each slot's (noised) class, zero on padding slots;
