@@ -68,6 +68,23 @@ def _rename_layer(rest: str, table: Dict[str, str]) -> str:
     return table.get(head, head) + "." + tail
 
 
+def convert_neck_and_transformer_layers(reader, out: Dict[str, torch.Tensor], num_levels: int, num_backbone_levels: int):
+    """The official `input_proj.{level}` (the backbone levels, then the extra stride-2 levels),
+    `transformer.level_embed` and the encoder / decoder layers -> ours (Deformable DETR's layout,
+    shared by DINO)."""
+    for level in range(num_levels):
+        target = f"neck.input_proj.{level}" if level < num_backbone_levels else f"neck.extra_proj.{level - num_backbone_levels}"
+        for key in reader.keys_with_prefix(f"input_proj.{level}."):
+            out[target + key[len(f"input_proj.{level}"):]] = reader.get(key)
+    out["level_embed"] = reader.get("transformer.level_embed")
+    for key in reader.keys_with_prefix("transformer.encoder.layers."):
+        index, rest = key[len("transformer.encoder.layers."):].split(".", 1)
+        out[f"encoder.layers.{index}.{_rename_layer(rest, _ENCODER_LAYER)}"] = reader.get(key)
+    for key in reader.keys_with_prefix("transformer.decoder.layers."):
+        index, rest = key[len("transformer.decoder.layers."):].split(".", 1)
+        out[f"decoder.layers.{index}.{_rename_layer(rest, _DECODER_LAYER)}"] = reader.get(key)
+
+
 @register_converter("deformable_detr")
 def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     """An official Deformable DETR state dict -> HybridDETR's (detectron2 ResNet, 80 classes)."""
@@ -83,18 +100,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     # Input projections: the backbone levels, then the extra stride-2 levels.
     num_levels = _layer_count(reader, "input_proj.")
     num_backbone_levels = sum(1 for k in out if re.fullmatch(r"backbone\.res[345]\.0\.conv1\.weight", k))
-    for level in range(num_levels):
-        target = f"neck.input_proj.{level}" if level < num_backbone_levels else f"neck.extra_proj.{level - num_backbone_levels}"
-        for key in reader.keys_with_prefix(f"input_proj.{level}."):
-            out[target + key[len(f"input_proj.{level}"):]] = reader.get(key)
-
-    out["level_embed"] = reader.get("transformer.level_embed")
-    for key in reader.keys_with_prefix("transformer.encoder.layers."):
-        index, rest = key[len("transformer.encoder.layers."):].split(".", 1)
-        out[f"encoder.layers.{index}.{_rename_layer(rest, _ENCODER_LAYER)}"] = reader.get(key)
-    for key in reader.keys_with_prefix("transformer.decoder.layers."):
-        index, rest = key[len("transformer.decoder.layers."):].split(".", 1)
-        out[f"decoder.layers.{index}.{_rename_layer(rest, _DECODER_LAYER)}"] = reader.get(key)
+    convert_neck_and_transformer_layers(reader, out, num_levels, num_backbone_levels)
     num_decoder_layers = _layer_count(reader, "transformer.decoder.layers.")
 
     two_stage = "transformer.enc_output.weight" in reader

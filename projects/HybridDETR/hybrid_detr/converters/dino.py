@@ -41,7 +41,7 @@ from .common import (
     register_converter,
     convert_torchvision_backbone,
 )
-from .deformable_detr import _DECODER_LAYER, _ENCODER_LAYER, _layer_count, _rename_layer
+from .deformable_detr import _layer_count, convert_neck_and_transformer_layers
 from .kinds import describe_kind
 
 __all__ = ["convert_dino", "CONFIGS"]
@@ -92,18 +92,7 @@ def convert_dino(official: Dict[str, torch.Tensor]) -> Conversion:
         raise ConversionError(f"dino checkpoint: input projections with kernels {kernels}, expected 1x1 convs then 3x3 ones")
     if num_levels not in CONFIGS:
         raise ConversionError(f"dino checkpoint with {num_levels} feature levels: the released R-50 models have 4 or 5")
-    for level in range(num_levels):
-        target = f"neck.input_proj.{level}" if level < num_backbone_levels else f"neck.extra_proj.{level - num_backbone_levels}"
-        for key in reader.keys_with_prefix(f"input_proj.{level}."):
-            out[target + key[len(f"input_proj.{level}"):]] = reader.get(key)
-
-    out["level_embed"] = reader.get("transformer.level_embed")
-    for key in reader.keys_with_prefix("transformer.encoder.layers."):
-        index, rest = key[len("transformer.encoder.layers."):].split(".", 1)
-        out[f"encoder.layers.{index}.{_rename_layer(rest, _ENCODER_LAYER)}"] = reader.get(key)
-    for key in reader.keys_with_prefix("transformer.decoder.layers."):
-        index, rest = key[len("transformer.decoder.layers."):].split(".", 1)
-        out[f"decoder.layers.{index}.{_rename_layer(rest, _DECODER_LAYER)}"] = reader.get(key)
+    convert_neck_and_transformer_layers(reader, out, num_levels, num_backbone_levels)
     num_decoder_layers = _layer_count(reader, "transformer.decoder.layers.")
     for source, target in {**_DECODER_EXTRAS, **_ENCODER_PROPOSALS}.items():
         for key in reader.keys_with_prefix(source + "."):
