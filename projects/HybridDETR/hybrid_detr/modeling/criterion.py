@@ -170,13 +170,19 @@ class DetectionCriterion(nn.Module):
         Names are `{prefix}loss_class` for the last layer and `{prefix}loss_class_{layer}` for the
         others.
         """
-        last = outputs.num_layers - 1
         losses = {}
-        for layer in range(last + 1) if aux_loss else [last]:
+        for layer, suffix in self.layer_suffixes(outputs.num_layers, aux_loss):
             logits, boxes = outputs.layer(layer)
             assignment = assign(layer, logits, boxes)
-            suffix = "" if layer == last else f"_{layer}"
             layer_losses = self(logits, boxes, targets, assignment, normalizer, classification, outputs.padding_mask)
             for name, value in layer_losses.items():
                 losses[f"{prefix}{name}{suffix}"] = value
         return losses
+
+    LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
+
+    @staticmethod
+    def layer_suffixes(num_layers: int, aux_loss: bool = True):
+        """(layer, name suffix) of the layers `decoder_losses` trains: "" for the last, "_{layer}" else."""
+        last = num_layers - 1
+        return [(layer, "" if layer == last else f"_{layer}") for layer in (range(num_layers) if aux_loss else [last])]

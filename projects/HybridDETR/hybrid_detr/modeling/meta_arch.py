@@ -22,7 +22,7 @@ from .matcher import HungarianMatcher
 from .modes import BranchInputs, ExtraQueries, MainPassInputs, parse_decoder_mode
 from .neck import MultiScaleNeck, backbone_levels
 from .postprocess import top_k_detections
-from .query_groups import concat_groups, split_decoder_output
+from .query_groups import decode_groups
 from .token_layout import EncoderMemory, LevelLayout, valid_ratios
 from .transformer import (
     DecoderOutput,
@@ -175,11 +175,7 @@ class HybridDETR(nn.Module):
         groups = [e.group for e in extras.values()] + [queries]
         sees = torch.eye(len(groups), dtype=torch.bool)
         sees[:-1, -1] = torch.tensor([e.sees_one_to_one for e in extras.values()])
-        outputs = split_decoder_output(
-            self.decoder(concat_groups(groups, sees), memory),
-            [group.content.shape[1] for group in groups],
-            [group.padding_mask for group in groups],
-        )
+        outputs = decode_groups(self.decoder, groups, memory, sees)
         return outputs[-1], {name: (extra, out) for (name, extra), out in zip(extras.items(), outputs)}
 
     @torch.no_grad()

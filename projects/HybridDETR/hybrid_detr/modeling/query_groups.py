@@ -12,7 +12,7 @@ import torch
 
 from .transformer import DecoderOutput, QueryGroup
 
-__all__ = ["concat_groups", "split_decoder_output", "block_diagonal_sees"]
+__all__ = ["concat_groups", "split_decoder_output", "block_diagonal_sees", "decode_groups"]
 
 
 def block_diagonal_sees(num_groups: int) -> torch.Tensor:
@@ -83,3 +83,11 @@ def split_decoder_output(
             zip(output.logits.split(sizes, dim=2), output.boxes.split(sizes, dim=2), output.hidden.split(sizes, dim=2))
         )
     ]
+
+
+def decode_groups(decoder, groups: Sequence[QueryGroup], memory, sees: Optional[torch.Tensor] = None, **decoder_kwargs):
+    """One decoder pass over `groups` side by side (`concat_groups` with `sees`), the output split back
+    per group, each with its group's padding mask. `decoder_kwargs` go to the decoder (e.g. skip_self_attn)."""
+    groups = list(groups)
+    output = decoder(concat_groups(groups, sees), memory, **decoder_kwargs)
+    return split_decoder_output(output, [g.content.shape[1] for g in groups], [g.padding_mask for g in groups])

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..criterion import mean_across_workers
 from ..modes import BranchInputs, register_decoder_mode
-from ..query_groups import concat_groups, split_decoder_output
+from ..query_groups import decode_groups
 from ..transformer import QueryGroup
 from .adapter import MultiScaleAdapter
 from .atss import ATSSHead
@@ -140,11 +140,7 @@ class CoDETRBranch(nn.Module):
             QueryGroup(*self.query_embeds[name](p, dtype), padding_mask=p.padding_mask)
             for name, p in zip(self.head_names, packed)
         ]
-        outputs = split_decoder_output(
-            inputs.decoder(concat_groups(groups), inputs.memory),
-            [p.num_queries for p in packed],
-            [p.padding_mask for p in packed],
-        )
+        outputs = decode_groups(inputs.decoder, groups, inputs.memory)
 
         criterion = inputs.criterion
         for name, p, output in zip(self.head_names, packed, outputs):

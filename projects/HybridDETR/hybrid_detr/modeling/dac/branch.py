@@ -6,7 +6,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..modes import BranchInputs, register_decoder_mode
-from ..query_groups import concat_groups, split_decoder_output
+from ..query_groups import decode_groups
 from ..transformer import DecoderOutput, QueryGroup
 from .config import add_dac_config
 from .explain import explain_view
@@ -84,11 +84,7 @@ class DACBranch(nn.Module):
             # (deformable_transformer.py: `output_cdecoder = tgt`); without self-attention they
             # cannot interact, so one pass over all groups is the same as one per group.
             groups = [self.c_queries(extra.group, output) for _, extra, output in extras.values()] + [c_queries]
-            outputs = split_decoder_output(
-                inputs.decoder(concat_groups(groups), inputs.memory, skip_self_attn=True),
-                [group.content.shape[1] for group in groups],
-                [group.padding_mask for group in groups],
-            )
+            outputs = decode_groups(inputs.decoder, groups, inputs.memory, skip_self_attn=True)
             c_out = outputs[-1]
         else:
             c_out = inputs.decoder(c_queries, inputs.memory, skip_self_attn=True)

@@ -16,14 +16,12 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
+from ..criterion import DetectionCriterion
 from ..modes import ExtraQueries, MainPassHook, MainPassInputs
 from ..transformer import DecoderOutput, QueryGroup
 from .denoising import DenoisingGroups, denoising_groups
 
 __all__ = ["DenoisingQueries"]
-
-LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
-
 
 class DenoisingQueries(MainPassHook):
     @configurable
@@ -108,11 +106,8 @@ class DenoisingQueries(MainPassHook):
             # No gt box in the batch: zero losses that keep the label embedding in the graph
             # (the official code returns zeros too, dino.py:533-540, and adds label_enc * 0).
             zero = self.label_embedding.weight.sum() * 0.0
-            layers = range(self.num_decoder_layers) if self.aux_loss else [self.num_decoder_layers - 1]
-            last = self.num_decoder_layers - 1
-            return {
-                f"{prefix}{name}{'' if layer == last else f'_{layer}'}": zero for layer in layers for name in LOSS_NAMES
-            }
+            suffixes = DetectionCriterion.layer_suffixes(self.num_decoder_layers, self.aux_loss)
+            return {f"{prefix}{name}{suffix}": zero for _, suffix in suffixes for name in DetectionCriterion.LOSS_NAMES}
         dn: DenoisingGroups = extra.state
         return inputs.criterion.decoder_losses(
             output,
