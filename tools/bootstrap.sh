@@ -7,6 +7,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
 D2_PIN="sal-detectron2==0.7.2"
+# The Swin backbones (hybrid_detr/modeling/backbones/swin.py) are built from timm's Swin; tested with this version.
+TIMM_PIN="timm==1.0.31"
 PY_DEPS="scipy fvcore iopath pycocotools omegaconf hydra-core yacs tabulate termcolor cloudpickle tqdm tensorboard matplotlib Pillow opencv-python-headless ninja pytest onnx onnxruntime onnxscript"
 
 say() { echo "[bootstrap] $*"; }
@@ -17,9 +19,9 @@ if ! "$PY" -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(1,
     pip_install $TORCH_PIN
 fi
 
-if ! "$PY" -c "import fvcore, iopath, pycocotools, omegaconf, yacs, tabulate, termcolor, cloudpickle, tqdm, tensorboard, matplotlib, PIL, cv2, scipy, ninja, pytest, onnx, onnxruntime, onnxscript" 2>/dev/null; then
+if ! "$PY" -c "import fvcore, iopath, pycocotools, omegaconf, yacs, tabulate, termcolor, cloudpickle, tqdm, tensorboard, matplotlib, PIL, cv2, scipy, ninja, pytest, onnx, onnxruntime, onnxscript, timm" 2>/dev/null; then
     say "installing Python dependencies"
-    pip_install $PY_DEPS
+    pip_install $PY_DEPS $TIMM_PIN
 fi
 
 if ! "$PY" -c "import detectron2.modeling, detectron2.engine" 2>/dev/null; then

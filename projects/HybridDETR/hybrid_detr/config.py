@@ -103,6 +103,10 @@ def add_hybrid_detr_config(cfg):
 
     # Each mode's keys live next to its code and come with its registration.
     add_mode_configs(cfg)
+    # MODEL.SWIN.* sits with the Swin backbone (modeling/backbones/swin.py).
+    from .modeling.backbones import add_swin_config
+
+    add_swin_config(cfg)
     _add_solver_and_input_config(cfg)
 
 

@@ -22,6 +22,7 @@ from . import dac_detr  # noqa: F401  (registers "dac_detr")
 from . import co_detr  # noqa: F401  (registers "co_detr")
 from . import dino  # noqa: F401  (registers "dino")
 from . import co_dino  # noqa: F401  (registers "co_dino")
+from . import swin  # noqa: F401  (registers "co_dino_swin_l"; Swin backbone weights)
 
 __all__ = [
     "CONVERTERS",

@@ -27,4 +27,10 @@ def describe_kind(state_dict: Dict[str, torch.Tensor]) -> str:
         refine = "transformer.decoder.bbox_embed.0.layers.0.weight" in keys
         variant = "++ two-stage" if two_stage else ("+ box refinement" if refine else "plain")
         return f"a Deformable DETR ({variant}) checkpoint"
+    from .swin import swin_layout  # noqa: E402  (swin.py imports this module)
+
+    for prefix, what in (("", "a Swin Transformer checkpoint"), ("backbone.", "a checkpoint with a Swin backbone")):
+        layout = swin_layout(state_dict, prefix)
+        if layout:
+            return f"{what} ({layout} layout)"
     return f"an unknown model ({len(keys)} keys, e.g. {sorted(keys)[:3]})"
