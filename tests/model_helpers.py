@@ -59,3 +59,36 @@ def flatten_config(node, prefix=""):
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def expected_detections(model, batch):
+    """Deformable DETR's post-process written out, from the model's raw last-layer outputs
+    (`raw_predictions`): per image (scores, labels, boxes xyxy in pixels of the output size
+    "height" x "width"), the DETECTIONS_PER_IMAGE best (query, class) pairs by sigmoid score, boxes
+    clipped to the image and empty ones dropped (detectron2's detector_postprocess)."""
+    raw = model.raw_predictions(batch)
+    results = []
+    for x, logits, boxes in zip(batch, raw["pred_logits"], raw["pred_boxes"]):
+        height, width = x.get("height", x["image"].shape[1]), x.get("width", x["image"].shape[2])
+        probs = logits.sigmoid()
+        scores, flat = probs.flatten().topk(min(model.detections_per_image, probs.numel()))
+        queries, labels = flat // probs.shape[1], flat % probs.shape[1]
+        cx, cy, w, h = boxes[queries].unbind(-1)
+        xyxy = torch.stack(((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height), -1)
+        xyxy = torch.stack((xyxy[:, 0].clamp(0, width), xyxy[:, 1].clamp(0, height),
+                            xyxy[:, 2].clamp(0, width), xyxy[:, 3].clamp(0, height)), -1)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        results.append((scores[keep], labels[keep], xyxy[keep]))
+    return results
+
+
+def assert_detections(results, expected, atol=1e-3):
+    """The model's results (list of {"instances"}) are `expected_detections`' (boxes to `atol` pixels:
+    the model scales to the input size, then to the output size)."""
+    assert len(results) == len(expected)
+    for result, (scores, labels, boxes) in zip(results, expected):
+        instances = result["instances"]
+        assert len(instances) == len(scores) > 0
+        torch.testing.assert_close(instances.scores, scores, rtol=0, atol=1e-6)
+        assert torch.equal(instances.pred_classes, labels)
+        torch.testing.assert_close(instances.pred_boxes.tensor, boxes, rtol=0, atol=atol)

@@ -10,8 +10,9 @@
 Views: the generic ones, then the one of each mode in the config's DECODER_MODE (or --views):
   decoder_sampling.png  each top detection's sampling points on every level, decoder layer --layer,
                         head --head (default all), coloured by attention weight (deformable decoders);
-  encoder_sampling.png  where the encoder token under --pixel X Y (original image pixels; default
-                        the top detection's centre) samples, every head and level;
+  encoder_sampling.png  where the encoder token under --pixel X Y samples, every head and level, drawn
+                        on the original image: X Y are its pixels (x right, y down, before the
+                        test-time resize), as the star and the points; default the top detection's centre;
   smca_query<q>.png     SMCA: each head's Gaussian prior next to the attention it modulated, with the
                         scale selection (mode smca);
   dac.png               DAC: the boxes of the queries near one object after the O- and the C-decoder,
@@ -43,7 +44,8 @@ def main(argv=None):
     parser.add_argument("--layer", type=int, default=-1, help="decoder (and encoder) layer, default the last")
     parser.add_argument("--head", type=int, default=None, help="one attention head (default: all)")
     parser.add_argument("--pixel", type=float, nargs=2, default=None, metavar=("X", "Y"),
-                        help="encoder view: pixel of the original image (default: top detection's centre)")
+                        help="encoder view: pixel of the original image, before the test-time resize "
+                             "(default: top detection's centre)")
     parser.add_argument("--top", type=int, default=3, help="detections to explain")
     parser.add_argument("--views", nargs="+", choices=explain_lib.view_names(), default=None,
                         help="default: the generic views and those of the config's DECODER_MODE")

@@ -7,7 +7,8 @@
 Runs a few training steps of the config's model (as the trainer runs them, SOLVER.AMP included) on
 batches of the trainer's own training loader and prints, per part, the mean wall time per step and its
 share of the step, with the shares of our MSDeformAttn op, the convolutions and the matrix multiplies,
-the convolutions' rate against a float32 matmul, the padding share and the peak resident memory.
+the convolutions' rate against a float32 matmul (FLOPs as detectron2 counts them: one per multiply-add),
+the padding share and the peak resident memory.
 What each figure is: `hybrid_detr.analysis.step_profile`.
 """
 import argparse

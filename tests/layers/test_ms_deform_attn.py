@@ -158,9 +158,18 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    args = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+    # Compiled forward and backward against the pure-PyTorch reference (not the same kernel again):
+    # a wrong fake kernel or autograd registration under compile would show here.
+    v, ss, lsi, loc, attn = make_inputs(1, 6, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float64, requires_grad=True)
     compiled = torch.compile(lambda *a: op(*a) * 2, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*args), op(*args) * 2)
+    out = compiled(v, ss, lsi, loc, attn)
+    ref = ms_deform_attn_reference(v, ss, loc, attn) * 2
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (v, loc, attn), grad)
+    want = torch.autograd.grad(ref, (v, loc, attn), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_non_contiguous_inputs():
@@ -230,6 +239,46 @@ def test_bad_inputs(changes, match):
         op(*_bad(**changes))
 
 
+# Inputs the reference must refuse as the kernel does (the dtype pairs above are the kernel's own rules:
+# the reference computes any floating mix in the widest dtype).
+REFERENCE_BAD_INPUTS = [case for case in BAD_INPUTS if "dtype of" not in case[1] and "int64" not in case[1]] + [
+    (dict(spatial_shapes=lambda t: t.float()), r"spatial_shapes must be int64 \(torch.long\), got torch.float32"),
+    (dict(level_start_index=lambda t: t.float()), r"level_start_index must be int64 \(torch.long\), got torch.float32"),
+    (dict(sampling_locations=lambda t: t.long()), r"sampling_locations must be a floating-point tensor, got torch.int64"),
+    (dict(attention_weights=lambda t: t.int()), r"attention_weights must be a floating-point tensor, got torch.int32"),
+    (dict(spatial_shapes=torch.tensor([[-4, 3], [2, 2]]), level_start_index=torch.tensor([0, -12]),
+          value=lambda t: t[:, :-8]), r"spatial_shapes\[0\] = \(-4, 3\) must not be negative"),
+]
+
+
+@pytest.mark.parametrize("changes,match", REFERENCE_BAD_INPUTS)
+def test_reference_path_refuses_what_the_kernel_refuses(changes, match):
+    """The wrapper's fallback (CPU float16 has no kernel there) and the reference itself check as the op."""
+    args = _bad(**changes)
+    with pytest.raises(RuntimeError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ms_deform_attn(*[t.half() if i in (0, 3, 4) and t.is_floating_point() else t for i, t in enumerate(args)])
+    with pytest.raises(RuntimeError, match=match):
+        ms_deform_attn_reference(args[0], args[1], args[3], args[4], level_start_index=args[2])
+
+
+def test_integer_value_is_refused_not_truncated():
+    v, ss, lsi, loc, attn = _bad()
+    value = (v * 10).long()
+    with pytest.raises(RuntimeError, match=r"ms_deform_attn: value must be a floating-point tensor, got torch.int64"):
+        ms_deform_attn(value, ss, lsi, loc, attn)
+    with pytest.raises(RuntimeError, match=r"value must be a floating-point tensor, got torch.int64"):
+        ms_deform_attn_reference(value, ss, loc, attn)
+
+
+def test_reference_without_level_start_index_still_checks_the_level_sizes():
+    v, ss, _, loc, attn = _bad()
+    with pytest.raises(RuntimeError, match=r"sum over levels of H\*W from spatial_shapes is 64 but value has S = 16"):
+        ms_deform_attn_reference(v, ss * 2, loc, attn)
+    with pytest.raises(RuntimeError, match=r"sum over levels of H\*W from spatial_shapes is 64 but value has S = 16"):
+        ms_deform_attn_reference(v, [(8, 6), (4, 4)], loc, attn)
+
+
 # The layout check the CUDA path runs on the device (tensor ops + _assert_async, no host copy), run
 # here on CPU tensors, where the same assertion raises at once.
 LAYOUTS = [
@@ -268,11 +317,79 @@ def test_device_mismatch():
                  level_start_index=lambda t: t.cuda()))
 
 
-def test_dispatcher_wrapper_and_fallback():
-    args = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float32)
+def test_wrapper_takes_the_compiled_op_when_it_has_a_kernel(monkeypatch):
+    args = make_inputs(1, 4, 2, 8, [(4, 3), (2, 2)], 2, dtype=torch.float64)
+    calls = []
+    import hybrid_detr.layers.ms_deform_attn_func as func
+
+    monkeypatch.setattr(func, "ms_deform_attn_reference", lambda *a, **k: calls.append("reference"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the compiled path must not warn
-        torch.testing.assert_close(ms_deform_attn(*args), op(*args))
+        out = ms_deform_attn(*args)
+    assert calls == [], "the wrapper ran the reference although the op has a float64 CPU kernel"
+    torch.testing.assert_close(out, ms_deform_attn_reference(args[0], args[1], args[3], args[4]),
+                               rtol=1e-12, atol=1e-12)
+
+
+# A process where `hybrid_detr.layers._C` cannot be loaded (as when the extension was never built).
+_WITHOUT_EXTENSION = r"""
+import sys, warnings
+
+class BlockExtension:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("hybrid_detr.layers._C", "hybrid_detr._C"):
+            raise ImportError(f"{name} blocked by the test")
+        return None
+
+sys.meta_path.insert(0, BlockExtension())
+import torch
+import hybrid_detr.layers as layers
+import hybrid_detr.layers.ms_deform_attn_func as func
+
+assert not layers.extension_available()
+assert not hasattr(torch.ops.hybrid_detr, "ms_deform_attn"), "the op got registered without the extension"
+ran = []
+reference = func.ms_deform_attn_reference
+func.ms_deform_attn_reference = lambda *a, **k: ran.append(1) or reference(*a, **k)
+g = torch.Generator().manual_seed(0)
+shapes, start = torch.tensor([[4, 5], [2, 3]]), torch.tensor([0, 20])
+value = torch.randn(2, 26, 2, 8, generator=g, dtype=torch.float64)
+loc = torch.rand(2, 7, 2, 2, 3, 2, generator=g, dtype=torch.float64)
+weights = torch.rand(2, 7, 2, 2, 3, generator=g, dtype=torch.float64).softmax(-1)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = layers.ms_deform_attn(value, shapes, start, loc, weights)
+    layers.ms_deform_attn(value, shapes, start, loc, weights)  # warned once per device and dtype
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(messages) == 1, messages
+assert "falls back to the slow pure-PyTorch reference" in messages[0] and "pip install" in messages[0], messages
+assert ran == [1, 1], ran
+torch.save(dict(out=out, value=value, loc=loc, weights=weights), sys.argv[1])
+try:
+    layers.ms_deform_attn(value, shapes, start + 1, loc, weights)
+except RuntimeError as e:
+    assert "level_start_index[0] = 1 is inconsistent" in str(e), e
+else:
+    raise AssertionError("the fallback accepted a wrong level_start_index")
+print("ok")
+"""
+
+
+def test_fallback_when_the_extension_is_missing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    saved = tmp_path / "fallback.pt"
+    res = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION, str(saved)], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "ok"
+    # The fallback's output is the compiled op's (computed here, where the extension is loaded).
+    got = torch.load(saved)
+    shapes, start = torch.tensor([[4, 5], [2, 3]]), torch.tensor([0, 20])
+    torch.testing.assert_close(got["out"], op(got["value"], shapes, start, got["loc"], got["weights"]),
+                               rtol=1e-12, atol=1e-12)
 
 
 # -- module ---------------------------------------------------------------------------------------

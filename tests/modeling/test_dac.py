@@ -256,12 +256,24 @@ def test_training_step_c_pass_skips_self_attention_and_gives_dac_losses():
 
 
 def test_iou_aware_loss_option_trains():
-    model = build("dac", CLS_LOSS="iou_aware_bce")
-    model.train()
-    losses = model(synthetic_batch())
-    assert {"dac_loss_class", "dac_loss_bbox", "dac_loss_giou"} <= set(losses)
-    assert all(torch.isfinite(v) for v in losses.values())
-    losses["dac_loss_class"].backward()
+    """CLS_LOSS "iou_aware_bce" changes the class loss of both branches, and weights the C branch's box
+    losses by each pair's rank weight exp(-rank / 1.5) <= 1 (the O branch's pairs all rank first: weight 1)."""
+    batch = synthetic_batch()
+    losses = {}
+    for cls_loss in ("focal", "iou_aware_bce"):
+        # score threshold 0: each gt gets several C queries (its top-6), ranked
+        model = build("dac", CLS_LOSS=cls_loss, CAP_SAMPLING="score", SCORE_THRESHOLD=0.0).train()
+        losses[cls_loss] = model(batch)
+    focal, iou_aware = losses["focal"], losses["iou_aware_bce"]
+    assert set(focal) == set(iou_aware)
+    assert all(torch.isfinite(v) for v in iou_aware.values())
+    for key in ("loss_class", "dac_loss_class"):
+        assert not torch.allclose(iou_aware[key], focal[key]), key
+    for key in ("loss_bbox", "loss_giou"):
+        torch.testing.assert_close(iou_aware[key], focal[key])
+    for key in ("dac_loss_bbox", "dac_loss_giou"):  # one-to-many: a gt's second query weighs exp(-1/1.5)
+        assert iou_aware[key] < focal[key], key
+    iou_aware["dac_loss_class"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.heads.parameters())
 
 
@@ -305,14 +317,35 @@ def test_inference_identical_to_baseline_with_the_same_weights():
 
 def test_dac_with_two_stage_and_box_refinement():
     """The setting of the COCO config: each branch refines its own boxes from the same proposals."""
-    cfg = tiny_cfg(DECODER_MODE="dac", TWO_STAGE=True, WITH_BOX_REFINE=True)
+    # 3 layers: the C pass's layer 0 takes the O pass's layer-0 self-attention output (the release's
+    # default), so the passes' boxes part from layer 1 on.
+    cfg = tiny_cfg(DECODER_MODE="dac", TWO_STAGE=True, WITH_BOX_REFINE=True, DEC_LAYERS=3)
     torch.manual_seed(0)
     model = build_model(cfg)
+    with torch.no_grad():  # untrained box heads end in zeros (boxes = references): let them refine
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight.normal_(std=0.05)
     model.train()
     counts, _ = count_calls(model)
+    references, passes = [], []
+    for layer in model.decoder.layers:
+        layer.cross_attn.register_forward_pre_hook(lambda _m, args: references.append(args[1]))
+    model.decoder.register_forward_hook(lambda _m, args, out: passes.append((args[0], out)))
     losses = model(synthetic_batch())
     layers = len(model.decoder.layers)
     assert counts == {"self": layers, "cross": 2 * layers}
     assert {"dac_loss_class", "dac_loss_bbox_0", "enc_loss_class"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+    (o_queries, o_out), (c_queries, c_out) = passes
+    # the same proposals start both passes ...
+    assert torch.equal(c_queries.reference, o_queries.reference)
+    assert torch.equal(references[layers], references[0])
+    # ... then each pass's layer l + 1 samples around its own layer-l boxes, and the two differ
+    valid_ratios = references[0][:, :, :, :2] / o_queries.reference[:, :, None, :2]
+    for layer in range(layers - 1):
+        for out, sampled in ((o_out, references[layer + 1]), (c_out, references[layers + layer + 1])):
+            expected = out.boxes[layer].detach()[:, :, None, :2] * valid_ratios
+            torch.testing.assert_close(sampled[..., :2], expected)
+    assert torch.equal(o_out.boxes[0], c_out.boxes[0])
+    assert not torch.allclose(o_out.boxes[1], c_out.boxes[1])
     sum(losses.values()).backward()

@@ -10,7 +10,7 @@ from hybrid_detr.modeling import parse_decoder_mode
 from hybrid_detr.modeling.criterion import DetectionCriterion
 from hybrid_detr.modeling.matcher import Assignment, HungarianMatcher
 from hybrid_detr.modeling.transformer import QueryGroup
-from model_helpers import NUM_CLASSES, synthetic_batch, tiny_cfg
+from model_helpers import NUM_CLASSES, assert_detections, expected_detections, synthetic_batch, tiny_cfg
 
 
 def target(labels, boxes):
@@ -174,15 +174,20 @@ def test_inference_returns_top_k_detections_inside_the_original_image():
     cfg.TEST.DETECTIONS_PER_IMAGE = 30
     model = build_model(cfg).eval()
     batch = synthetic_batch()
-    batch[0]["height"], batch[0]["width"] = 192, 256  # the original was twice the input size
+    batch[0]["height"], batch[0]["width"] = 144, 384  # the original: 1.5x the input's height, 3x its width
     with torch.no_grad():
         results = model(batch)
     instances = results[0]["instances"]
-    assert len(instances) == 30 and instances.image_size == (192, 256)
+    assert len(instances) == 30 and instances.image_size == (144, 384)
     assert (instances.scores[:-1] >= instances.scores[1:]).all()
     boxes = instances.pred_boxes.tensor
-    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= 256).all() and (boxes[:, 1::2] <= 192).all()
+    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= 384).all()
+    assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= 144).all()
     assert ((instances.pred_classes >= 0) & (instances.pred_classes < NUM_CLASSES)).all()
+    # Each image: the top-30 (query, class) pairs of the last layer, boxes scaled to its output size (x by the
+    # width, y by the height; the second image's output is its input).
+    assert results[1]["instances"].image_size == (80, 100)
+    assert_detections(results, expected_detections(model, batch))
 
 
 def test_giou_eps_is_the_official_one():

@@ -270,17 +270,63 @@ def test_positive_query_embedding_as_official():
     assert torch.equal(reference, boxes)  # the reference stays unclipped (w = 1.4)
 
 
-def test_aux_losses_scaled_by_lambda2_times_decoder_layers():
+def _co_losses(atss_weights=None, **co_overrides):
+    """One training step's losses (floats) of the tiny Co-DETR model, the same weights and batch for every
+    setting and the random draws (RPN / RoI sampling, positive subsets) reseeded."""
+    from detectron2.modeling import build_model
+
+    from model_helpers import synthetic_batch
+
+    torch.manual_seed(0)
+    model = build_model(co_cfg(**co_overrides)).train()
+    if atss_weights is not None:
+        head = model.branches["co_detr"].heads["atss"]
+        head.class_weight, head.giou_weight, head.centerness_weight = atss_weights
+    torch.manual_seed(1)
+    with EventStorage():
+        return {k: v.item() for k, v in model(synthetic_batch()).items()}
+
+
+def _assert_scaled(changed, reference, factors):
+    """changed[k] == reference[k] * factors(k) for every loss."""
+    assert set(changed) == set(reference)
+    for key, value in reference.items():
+        assert changed[key] == pytest.approx(value * factors(key), rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def release_losses():
+    return _co_losses()
+
+
+def test_aux_losses_scaled_by_lambda2_times_decoder_layers(release_losses):
+    """Config line 7 (lambda_2 = 2) and the heads' loss weights times the decoder's 6 layers (the
+    official config multiplies them by num_dec_layer); the query losses by lambda_1 = 1."""
     cfg = get_cfg()
     add_hybrid_detr_config(cfg)
     m = cfg.MODEL.HYBRID_DETR
     assert (m.CO_DETR.LAMBDA1, m.CO_DETR.LAMBDA2, m.CO_DETR.SCALE_AUX_BY_DEC_LAYERS) == (1.0, 2.0, True)
-    assert tiny_branch().aux_scale == 2.0 * 2  # tiny model: 2 decoder layers; official 2 * 6 = 12
+    head_keys = {k for k in release_losses if k.startswith(("co_atss_", "co_rcnn_")) and "_query_" not in k}
+    query_keys = {k for k in release_losses if "_query_" in k}
+    assert {"co_atss_loss_cls", "co_rcnn_loss_rpn_cls"} <= head_keys and "co_atss_query_loss_class" in query_keys
+
+    def factor(aux, query):
+        return lambda key: aux if key in head_keys else query if key in query_keys else 1.0
+
+    # The heads' losses carry lambda_2 x DEC_LAYERS (tiny model: 2 x 2): lambda_2 3 -> x 1.5; without the
+    # decoder-layer factor -> / 2. The query losses carry lambda_1 alone. The one-to-one losses neither.
+    _assert_scaled(_co_losses(LAMBDA2=3.0), release_losses, factor(1.5, 1.0))
+    _assert_scaled(_co_losses(SCALE_AUX_BY_DEC_LAYERS=False), release_losses, factor(0.5, 1.0))
+    _assert_scaled(_co_losses(LAMBDA1=0.5), release_losses, factor(1.0, 0.5))
 
 
-def test_atss_loss_weights_are_1_2_1():
+def test_atss_loss_weights_are_1_2_1(release_losses):
+    """co_atss_head: loss_cls 1, loss_bbox (GIoU) 2, loss_centerness 1: with 1 / 1 / 1 the GIoU term halves
+    and nothing else moves."""
     head = tiny_branch().heads["atss"]
     assert (head.class_weight, head.giou_weight, head.centerness_weight) == (1.0, 2.0, 1.0)
+    _assert_scaled(_co_losses(atss_weights=(1.0, 1.0, 1.0)), release_losses,
+                   lambda key: 0.5 if key == "co_atss_loss_bbox" else 1.0)
 
 
 def test_roi_head_size_keys_default_to_official_and_the_quickstart_scales_them_down():

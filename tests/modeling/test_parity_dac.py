@@ -2,7 +2,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 from hybrid_detr.modeling.box_ops import normalized_targets
 from hybrid_detr.modeling.criterion import ClassificationLossSpec, DetectionCriterion
@@ -19,6 +19,14 @@ def _dac_model(seed=0, **dac):
     return build_model(cfg).train()
 
 
+def _dac_losses(**dac):
+    """Losses of one training step of `_dac_model(**dac)` (same weights for every setting) on the same
+    batch, the random draws (CAP_SAMPLING "random") reseeded, as floats."""
+    model = _dac_model(**dac)
+    torch.manual_seed(1)
+    return {k: v.item() for k, v in model(synthetic_batch()).items()}
+
+
 def test_defaults_follow_the_release():
     """onetomany.py scores the C-branch against `pred_boxes` (the O-branch's); the C-decoder's layer 0
     takes the O-branch's self-attention output (deformable_transformer.py)."""
@@ -27,6 +35,44 @@ def test_defaults_follow_the_release():
     assert (dac.MATCH_IOU_WEIGHT, dac.MATCH_CLS_WEIGHT, dac.SCORE_THRESHOLD) == (0.7, 0.3, 0.4)
     assert (dac.TOPK_PER_GT, dac.MAX_POSITIVES, dac.LOSS_NORM_FACTOR, dac.CAP_SAMPLING) == (6, 75, 3.0, "random")
     assert dac.IOU_AWARE_BCE_WEIGHT == 1.0
+
+
+def test_the_c_losses_are_divided_by_num_boxes_times_loss_norm_factor():
+    """onetomany.py: the C-branch's losses over num_boxes * 3: doubling the factor halves every one of
+    them and leaves the O-branch's alone."""
+    release, doubled = _dac_losses(), _dac_losses(LOSS_NORM_FACTOR=6.0)
+    c_keys = [k for k in release if k.startswith("dac_")]
+    assert {"dac_loss_class", "dac_loss_bbox", "dac_loss_giou"} <= set(c_keys)
+    for key, value in release.items():
+        expected = value / 2 if key in c_keys else value
+        assert doubled[key] == pytest.approx(expected, rel=1e-5), key
+
+
+def test_iou_aware_bce_weight_scales_the_class_loss_of_both_branches():
+    """The release's cls_loss_coef (IOU_AWARE_BCE_WEIGHT 1) multiplies the IoU-aware BCE of the O- and the
+    C-branch, not their box losses nor the encoder's focal loss."""
+    release = _dac_losses(CLS_LOSS="iou_aware_bce")
+    weighted = _dac_losses(CLS_LOSS="iou_aware_bce", IOU_AWARE_BCE_WEIGHT=2.5)
+    class_keys = [k for k in release if k.startswith(("loss_class", "dac_loss_class"))]
+    assert "loss_class" in class_keys and "dac_loss_class" in class_keys and "enc_loss_class" not in class_keys
+    for key, value in release.items():
+        expected = value * 2.5 if key in class_keys else value
+        assert weighted[key] == pytest.approx(expected, rel=1e-5), key
+
+
+def test_the_matching_score_uses_the_configured_weights():
+    """onetomany.py: score = 0.7 IoU + 0.3 p(class), positive above 0.4: the branch's matcher computes
+    it with the config's weights."""
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.6, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]]])
+    logits = torch.zeros(1, 3, 3)  # p = 0.5 for every class
+    iou = box_iou(box_convert(boxes[0], "cxcywh", "xyxy"), box_convert(targets[0]["boxes"], "cxcywh", "xyxy"))[:, 0]
+    for iou_weight, cls_weight in ((0.7, 0.3), (0.2, 0.9)):
+        cfg = tiny_cfg(DECODER_MODE="dac")
+        cfg.MODEL.HYBRID_DETR.DAC.MATCH_IOU_WEIGHT, cfg.MODEL.HYBRID_DETR.DAC.MATCH_CLS_WEIGHT = iou_weight, cls_weight
+        matcher = build_model(cfg).branches["dac"].matcher
+        score, _ = matcher.scores(logits, boxes, targets)
+        torch.testing.assert_close(score[0, :, 0], iou_weight * iou + cls_weight * 0.5)
 
 
 def test_one_to_one_rank_weights_are_one():

@@ -13,7 +13,7 @@ from hybrid_detr.modeling.smca import (
     gaussian_log_prior,
 )
 from hybrid_detr.modeling.token_layout import EncoderMemory, LevelLayout
-from model_helpers import synthetic_batch, tiny_cfg
+from model_helpers import assert_detections, expected_detections, synthetic_batch, tiny_cfg
 
 # Two levels (strides 16 and 32); image 1 of the batch is padded (valid 4 x 5 of 6 x 8, and 2 x 3
 # of 3 x 4).
@@ -236,9 +236,11 @@ def _train_and_infer(cfg):
     assert torch.isfinite(total)
     total.backward()
     model.eval()
+    batch = synthetic_batch()
     with torch.no_grad():
-        results = model(synthetic_batch())
-    assert len(results) == 2 and len(results[0]["instances"]) > 0
+        results = model(batch)
+        # the detections are the top (query, class) pairs of the last layer, boxes in each image's pixels
+        assert_detections(results, expected_detections(model, batch))
     return model, losses
 
 
@@ -275,15 +277,50 @@ def test_training_step_and_inference(overrides):
 
 
 def test_smca_with_box_refinement_and_two_stage():
-    _train_and_infer(tiny_cfg(DECODER_MODE="smca", WITH_BOX_REFINE=True, TWO_STAGE=True))
+    """The Gaussian's center is the query's reference: the two-stage proposal in layer 0, then each layer's
+    refined box."""
+    model, losses = _train_and_infer(tiny_cfg(DECODER_MODE="smca", WITH_BOX_REFINE=True, TWO_STAGE=True))
+    assert {"enc_loss_class", "enc_loss_bbox", "loss_bbox_0"} <= set(losses)
+    with torch.no_grad():  # untrained box heads end in zeros: give the refinement something to do
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight.normal_(std=0.05)
+    centers, seen = [], {}
+    for layer in model.decoder.layers:
+        layer.cross_attn.register_forward_pre_hook(lambda _m, args: centers.append(args[3]))
+    model.decoder.register_forward_hook(lambda _m, args, out: seen.update(queries=args[0], output=out))
+    with torch.no_grad():
+        model(synthetic_batch())
+    assert len(centers) == len(model.decoder.layers) == 2
+    assert torch.equal(centers[0], seen["queries"].reference)  # the proposals
+    assert torch.equal(centers[1], seen["output"].boxes[0])  # refined by layer 0
+    assert not torch.equal(centers[1], centers[0])
 
 
 @pytest.mark.parametrize("deformable", [False, True])
 def test_smca_with_dac(deformable):
+    """DAC's C pass runs SMCA's cross-attention without self-attention, and its losses train SMCA's prior."""
     cfg = tiny_cfg(DECODER_MODE="smca+dac")
     cfg.MODEL.HYBRID_DETR.SMCA.DEFORMABLE = deformable
-    _, losses = _train_and_infer(cfg)
-    assert any(k.startswith("dac_") for k in losses)
+    model, _ = _train_and_infer(cfg)
+    model.train()
+    model.zero_grad()
+    calls = {"self": 0, "cross": 0}
+    for layer in model.decoder.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.update(self=calls["self"] + 1))
+        layer.cross_attn.register_forward_hook(lambda *_: calls.update(cross=calls["cross"] + 1))
+    losses = model(synthetic_batch())
+    layers = len(model.decoder.layers)
+    assert calls == {"self": layers, "cross": 2 * layers}  # O pass: both; C pass: cross-attention only
+    dac_losses = {k: v for k, v in losses.items() if k.startswith("dac_")}
+    assert set(dac_losses) == {f"dac_loss_{n}{s}" for n in ("class", "bbox", "giou") for s in ("", "_0")}
+    sum(dac_losses.values()).backward()
+    for layer in model.decoder.layers:
+        assert layer.cross_attn.prior.inverse_scales.weight.grad.abs().sum() > 0
+    # The C pass runs no self-attention; it starts from the O pass's layer-0 self-attention output (the
+    # release's C_INPUT_FROM_O_SELF_ATTN), so only that layer's self-attention gets the C losses' gradient.
+    first, *others = [layer.self_attn for layer in model.decoder.layers]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for attn in others for p in attn.parameters())
 
 
 def test_flop_handle_counts_the_dense_attention():

@@ -108,3 +108,66 @@ def test_torch_export_keeps_our_op(val_name, tmp_path):
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert "hybrid_detr.ms_deform_attn.default" in targets
     assert not any("grid_sampler" in t for t in targets)
+
+
+def detectron2_output(model, image, original_size):
+    """The model's own detectron2 inference: Instances in the original image's pixels
+    (HybridDETR.inference + detector_postprocess with "height" / "width" = the original size)."""
+    with torch.no_grad():
+        return model([{"image": image, "height": original_size[0], "width": original_size[1]}])[0]["instances"]
+
+
+def test_original_size_graph_equals_detectron2_postprocess():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(TWO_STAGE=True, WITH_BOX_REFINE=True)).eval()
+    with torch.no_grad():
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight.normal_(std=0.4)  # boxes reaching outside the image: clipped
+        # widths whose sigmoid is below a float32 pixel for some queries: empty boxes, detector_postprocess drops them
+        for head in model.decoder.heads.box_heads:
+            head.layers[-1].weight[2].normal_(std=2000.0)
+    graph = InferenceGraph(model, original_size=True).eval()
+    dropped = kept = 0
+    for (h, w), original in (((96, 128), (480, 640)), ((70, 90), (35, 45)), ((80, 80), (81, 160))):
+        image = torch.rand(3, h, w) * 255
+        inputs = preprocess_for_export(model, image)
+        with torch.no_grad():
+            scores, labels, boxes, keep = graph(*inputs, torch.tensor(original))
+        expected = detectron2_output(model, image, original)
+        assert keep.dtype == torch.bool and int(keep.sum()) == len(expected)
+        dropped, kept = dropped + int((~keep).sum()), kept + int(keep.sum())
+        assert torch.equal(scores[keep], expected.scores)
+        assert torch.equal(labels[keep], expected.pred_classes)
+        torch.testing.assert_close(boxes[keep], expected.pred_boxes.tensor, rtol=0, atol=1e-3)
+        assert float(boxes[:, 2].max()) <= original[1] and float(boxes[:, 3].max()) <= original[0]
+    assert dropped > 0 and kept > 0, f"{dropped} boxes dropped, {kept} kept: keep is untested"
+    with pytest.raises(ValueError, match="original_size"):
+        graph(*inputs)
+
+
+def test_onnx_with_original_size_matches_detectron2_inference(val_name, tmp_path):
+    """The exported post-process against the model's detectron2 output on test images that the
+    test-time resize really resizes."""
+    import onnxruntime  # noqa: F401
+
+    from hybrid_detr.analysis.export import example_inputs, run_exported
+
+    cfg = export_cfg("deformable", val_name)
+    torch.manual_seed(0)
+    model = trained_like_model(cfg)
+    path = str(tmp_path / "original.onnx")
+    result = export_model(cfg, model, "onnx", path, check=3, original_size=True)
+    assert result["keep_equal"] and result["labels_equal"] and result["scores"] <= TOLERANCE
+    resized = 0
+    for x in example_inputs(cfg, 3):
+        original = x["original"].shape[:2]
+        resized += tuple(original) != tuple(x["image"].shape[1:])
+        inputs = (*preprocess_for_export(model, x["image"]), torch.tensor(original, dtype=torch.int64))
+        scores, labels, boxes, keep = run_exported("onnx", path, inputs)
+        expected = detectron2_output(model, x["image"], original)
+        keep = keep.bool()
+        assert int(keep.sum()) == len(expected)
+        torch.testing.assert_close(scores[keep], expected.scores, rtol=0, atol=TOLERANCE)
+        assert torch.equal(labels[keep].long(), expected.pred_classes)
+        torch.testing.assert_close(boxes[keep], expected.pred_boxes.tensor, rtol=0, atol=10 * TOLERANCE)
+    assert resized > 0, "no test image was resized: the rescaling is untested"

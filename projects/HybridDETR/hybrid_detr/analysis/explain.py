@@ -10,7 +10,8 @@ Capture:
 Generic views (matplotlib PNGs), for the top detections of the image, any decoder mode:
 - `plot_decoder_sampling`: each detection's sampling points on every level for a decoder layer and
   head(s), coloured by attention weight (decoders with deformable cross-attention);
-- `plot_encoder_sampling`: the encoder's sampling points for the token under a chosen pixel.
+- `plot_encoder_sampling`: the encoder's sampling points for the token under a chosen pixel (of the
+  original image: `explain(pixel=...)`, tools/explain.py --pixel).
 Each decoder mode brings its own view, registered with the mode (`register_decoder_mode(...,
 explain_view=...)`, the contract in `modeling/explain_support.py`): SMCA's prior next to the
 attention it modulated (`modeling/smca/explain.py`), DAC's O- vs C-decoder queries around one object
@@ -40,7 +41,7 @@ from ..modeling.explain_support import (
     top_detections,
 )
 from ..modeling.modes import DECODER_MODES
-from .inputs import build_trained_model, metadata_of, resolve_input
+from .inputs import InputError, build_trained_model, metadata_of, resolve_input
 
 __all__ = [
     "DeformableCapture",
@@ -248,15 +249,24 @@ def _save_with_weight_colorbar(fig, scatter, path, top):
 
 
 def plot_encoder_sampling(captured: Captured, image: np.ndarray, path: str, pixel, layer: int = -1,
-                          level: int = 0) -> Dict:
+                          level: int = 0, frame: str = "image") -> Dict:
     """The encoder's sampling points (every head, every level, coloured by attention weight) for the
-    `level` token under input pixel `pixel` = (x, y), encoder layer `layer`. One panel per head."""
+    `level` token under `pixel` = (x, y), encoder layer `layer`. One panel per head.
+
+    One frame throughout: `pixel`, the star and the returned "pixels" are in the pixels of `image`, the
+    picture drawn on: the model's input image or the original one (the test-time resize scales the
+    whole image, so the valid image's normalised coordinates are the same in both). `frame` names it
+    in the title."""
     plt = pyplot()
     names = captured.attn_names["encoder"]
     call = captured.deformable.calls[names[layer]][0]
     memory = captured.inference.memory
-    token = encoder_token_at(memory, pixel[0], pixel[1], captured.image_size, level)
-    pixels = locations_to_pixels(call["locations"][0, token], memory.valid_ratios[0], captured.image_size)
+    frame_size = image.shape[:2]
+    if not (0 <= pixel[0] < frame_size[1] and 0 <= pixel[1] < frame_size[0]):
+        raise InputError(f"pixel ({pixel[0]:g}, {pixel[1]:g}) is outside the {frame} "
+                         f"({frame_size[1]} x {frame_size[0]} pixels, x then y)")
+    token = encoder_token_at(memory, pixel[0], pixel[1], frame_size, level)
+    pixels = locations_to_pixels(call["locations"][0, token], memory.valid_ratios[0], frame_size)
     weights = call["weights"][0, token]  # (M, L, P)
     m, num_levels = weights.shape[0], weights.shape[1]
     cols = min(m, 4)
@@ -276,9 +286,10 @@ def plot_encoder_sampling(captured: Captured, image: np.ndarray, path: str, pixe
         if head == 0:
             ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"encoder layer {layer % len(names)}: where the level-{level} token at pixel "
-                 f"({pixel[0]:.0f}, {pixel[1]:.0f}) (star) samples, coloured by attention weight", fontsize=11)
+                 f"({pixel[0]:.0f}, {pixel[1]:.0f}) of the {frame} (star) samples, coloured by attention weight",
+                 fontsize=11)
     _save_with_weight_colorbar(fig, sc, path, top=0.96)
-    return {"path": path, "token": token, "pixels": pixels, "weights": weights}
+    return {"path": path, "token": token, "pixel": tuple(pixel), "pixels": pixels, "weights": weights}
 
 
 def decoder_sampling_view(model, captured: Captured, request: ExplainRequest) -> Optional[Dict]:
@@ -292,13 +303,17 @@ def decoder_sampling_view(model, captured: Captured, request: ExplainRequest) ->
 
 def encoder_sampling_view(model, captured: Captured, request: ExplainRequest) -> Dict:
     """The view "encoder_sampling" (encoder_sampling.png), for the token under `request.pixel` (by
-    default the top detection's centre)."""
+    default the top detection's centre), drawn on the original image (`input_dict["original"]`; the
+    model's input image when there is none), in whose pixels `request.pixel` is given."""
+    original = request.input_dict.get("original")
+    image, frame = (request.image, "model input image") if original is None else (original, "original image")
     pixel = request.pixel
-    if pixel is None:  # the top detection's centre
+    if pixel is None:  # the top detection's centre (normalised to the valid image)
         _, _, _, boxes = top_detections(captured.inference.output, 1)
-        h, w = captured.image_size
+        h, w = image.shape[:2]
         pixel = (float(boxes[0, 0]) * w, float(boxes[0, 1]) * h)
-    return plot_encoder_sampling(captured, request.image, request.path("encoder_sampling.png"), pixel, request.layer)
+    return plot_encoder_sampling(captured, image, request.path("encoder_sampling.png"), pixel, request.layer,
+                                 frame=frame)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,18 +346,16 @@ def explain(model, input_dict, out_dir: str, *, image_format: str = "BGR", layer
             head: Optional[int] = None, pixel=None, top_k: int = 3, views: Optional[Sequence[str]] = None,
             metadata=None) -> Dict[str, Optional[object]]:
     """Writes the chosen views (default: `default_views(model)`) of one input dict (`load_input`'s)
-    to `out_dir`. `pixel`: the encoder view's (x, y) in the *original* image's pixels (default: the
-    top detection's centre). Returns {view: its result (a dict with "path", or a list of them), or
-    None when the view does not apply to this model or image (nothing written)}."""
+    to `out_dir`. `pixel`: the encoder view's (x, y) in the pixels of the *original* image
+    (`input_dict["original"]`, before the test-time resize; the view is drawn on it; default: the top
+    detection's centre). Returns {view: its result (a dict with "path", or a list of them), or None
+    when the view does not apply to this model or image (nothing written)}."""
     os.makedirs(out_dir, exist_ok=True)
     chosen = list(views or default_views(model))
     unknown = [name for name in chosen if name not in view_names()]
     if unknown:
         raise ValueError(f"unknown views {unknown}: choose from {view_names()}")
     captured = run_and_capture(model, input_dict)
-    if pixel is not None:  # original image pixels -> the model's input pixels
-        pixel = (pixel[0] * input_dict["width"] / input_dict["original"].shape[1],
-                 pixel[1] * input_dict["height"] / input_dict["original"].shape[0])
     request = ExplainRequest(out_dir, display_image(input_dict["image"], image_format), input_dict, layer, head,
                              top_k, pixel, metadata)
     return {name: _view(name)(model, captured, request) for name in chosen}

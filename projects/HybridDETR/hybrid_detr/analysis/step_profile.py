@@ -11,9 +11,11 @@ nested parts (a branch's decoder pass) are counted in both. From torch.profiler 
 share of our MSDeformAttn op (forward + backward), of the convolutions (forward + backward: every
 convolution of the model, nearly all of them the backbone's) and of the matrix multiplies (the linear
 layers: aten's mm, addmm, bmm, baddbmm). The convolutions' forward rate is the backbone's convolution
-FLOPs (fvcore's multiply-adds x 2; the neck's 1x1 projections are not counted, so the rate errs low) per
-second of their profiled forward time, set against a square float32 matmul timed after every step on the
-same threads (a practical ceiling). Also: the process's peak resident memory, and the share of the
+FLOPs (the neck's 1x1 projections are not counted, so the rate errs low) per second of their profiled
+forward time, set against a square float32 matmul timed after every step on the same threads (a practical
+ceiling). FLOPs follow detectron2 and fvcore (and tools/analyze_model.py): one FLOP is one multiply-add,
+for the convolutions and the matmul alike (an n x n matmul is n^3 FLOPs); hardware peak figures that
+count a multiply-add as 2 FLOPs are twice these. Also: the process's peak resident memory, and the share of the
 backbone's input pixels that are padding (a batch is padded to its largest image).
 """
 import collections
@@ -80,25 +82,26 @@ def watch_model(timer, model):
 
 
 def matmul_flops_per_s(size=MATMUL_SIZE, repeats=3):
-    """The best of `repeats` timings of one size x size float32 matmul, in FLOP/s."""
+    """The best of `repeats` timings of one size x size float32 matmul, in FLOP/s (one FLOP = one
+    multiply-add, detectron2's convention: size^3 per matmul)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return size**3 / best
 
 
 def backbone_conv_flops(backbone, image_shape):
-    """Floating-point operations of the convolutions of one backbone forward on a batch of `image_shape`
-    (fvcore counts a multiply-add as one)."""
+    """FLOPs of the convolutions of one backbone forward on a batch of `image_shape`: fvcore's count, one
+    FLOP per multiply-add (detectron2's convention)."""
     from fvcore.nn import FlopCountAnalysis
 
     with torch.no_grad():
         count = FlopCountAnalysis(backbone, torch.zeros(image_shape))
         count.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return 2.0 * count.by_operator().get("conv", 0)
+        return float(count.by_operator().get("conv", 0))
 
 
 def profile_steps(cfg, batches, warmup=1):
@@ -184,7 +187,7 @@ def format_profile(result, title=""):
         lines.append(
             f"convolution forward: {result['conv_forward_flops'] / 1e9:.2f} GFLOP per step at {rate / 1e9:.1f} GFLOP/s, "
             f"{rate / ceiling:.0%} of a {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul on the same threads "
-            f"({ceiling / 1e9:.1f} GFLOP/s, median over the steps)"
+            f"({ceiling / 1e9:.1f} GFLOP/s, median over the steps); 1 FLOP = 1 multiply-add (detectron2/fvcore)"
         )
     lines.append(f"{'matrix multiplies (fwd + bwd, profiler)':<42}{result['matmul_s'] * 1e3:>10.1f}{result['matmul_s'] / step:>9.1%}")
     dense = (result["conv_s"] + result["matmul_s"]) / step

@@ -98,14 +98,87 @@ def ms_deform_attn(
     """Multi-scale deformable attention; returns (N, Lq, M*D).
 
     Uses the compiled op when it is built for the input's device and dtype, else the reference
-    (warning once per device/dtype).
+    (warning once per device/dtype), which checks its inputs as the op does: a non-floating
+    tensor or an inconsistent `spatial_shapes` / `level_start_index` / value is refused either way.
     """
     if _extension_supports(value):
         return torch.ops.hybrid_detr.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    # Checked before warning: an input neither path accepts is an error, not a slow fallback.
+    _check_reference_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _warn_fallback(value)
-    return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_reference(
+        value, spatial_shapes, sampling_locations, attention_weights, level_start_index=level_start_index
+    )
+
+
+def _check_reference_inputs(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> List[List[int]]:
+    """The compiled op's input checks (csrc/ms_deform_attn.cpp), with its messages, for the reference.
+
+    Returns the level shapes as a list of [H, W]. `spatial_shapes` may be a tensor or (H, W) pairs;
+    `level_start_index` may be None (the reference does not need it), else it is checked too.
+    """
+    op = "ms_deform_attn"
+    for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights)):
+        if not t.is_floating_point():
+            raise RuntimeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}; convert it with .float()")
+    if value.dim() != 4:
+        raise RuntimeError(f"{op}: value must be (N, S, M, D), got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise RuntimeError(
+            f"{op}: sampling_locations must be (N, Lq, M, L, P, 2), got shape {tuple(sampling_locations.shape)}")
+    if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:-1]):
+        raise RuntimeError(f"{op}: attention_weights must be (N, Lq, M, L, P) = {tuple(sampling_locations.shape[:-1])}"
+                           f", got {tuple(attention_weights.shape)}")
+    N, S, M, _ = value.shape
+    if sampling_locations.shape[0] != N or sampling_locations.shape[2] != M:
+        raise RuntimeError(f"{op}: sampling_locations (N, Lq, M, L, P, 2) = {tuple(sampling_locations.shape)} "
+                           f"does not match value (N, S, M, D) = {tuple(value.shape)} in N or M")
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise RuntimeError(f"{op}: spatial_shapes must be (L, 2) holding (H, W) per level, got shape "
+                               f"{tuple(spatial_shapes.shape)}")
+        if spatial_shapes.is_floating_point():
+            raise RuntimeError(f"{op}: spatial_shapes must be int64 (torch.long), got {spatial_shapes.dtype}; "
+                               "convert it with .long()")
+        shapes = spatial_shapes.tolist()
+    else:
+        shapes = [list(s) for s in spatial_shapes]
+        if any(len(s) != 2 for s in shapes):
+            raise RuntimeError(f"{op}: spatial_shapes must hold (H, W) per level, got {shapes}")
+    L = sampling_locations.shape[3]
+    if len(shapes) != L:
+        raise RuntimeError(f"{op}: spatial_shapes has {len(shapes)} levels but sampling_locations has L = {L}")
+    starts = None
+    if level_start_index is not None:
+        if level_start_index.dim() != 1:
+            raise RuntimeError(f"{op}: level_start_index must be (L,), got shape {tuple(level_start_index.shape)}")
+        if level_start_index.is_floating_point():
+            raise RuntimeError(f"{op}: level_start_index must be int64 (torch.long), got {level_start_index.dtype}; "
+                               "convert it with .long()")
+        if level_start_index.shape[0] != L:
+            raise RuntimeError(f"{op}: level_start_index has {level_start_index.shape[0]} entries but there are "
+                               f"L = {L} levels")
+        starts = level_start_index.tolist()
+    if torch.compiler.is_compiling():
+        # Traced, the level sizes are symbolic: comparing them would break the graph. The eager
+        # call (and the compiled op's own checks) cover them.
+        return shapes
+    total = 0
+    for lvl, (h, w) in enumerate(shapes):
+        if h < 0 or w < 0:
+            raise RuntimeError(f"{op}: spatial_shapes[{lvl}] = ({h}, {w}) must not be negative")
+        if starts is not None and starts[lvl] != total:
+            raise RuntimeError(f"{op}: level_start_index[{lvl}] = {starts[lvl]} is inconsistent with spatial_shapes "
+                               f"(expected {total}, the sum of H*W of the levels before)")
+        total += h * w
+    if total != S:
+        raise RuntimeError(f"{op}: the sum over levels of H*W from spatial_shapes is {total} but value has S = {S} keys")
+    return shapes
 
 
 def ms_deform_attn_reference(
@@ -113,22 +186,24 @@ def ms_deform_attn_reference(
     spatial_shapes,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    *,
+    level_start_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention with `F.grid_sample` (slow, memory hungry).
 
     `spatial_shapes` is an (L, 2) tensor or a list of (H, W) pairs. Mixed dtypes (a half-type
     value with float32 locations and weights, as the op takes them) are computed in the widest
-    one; the output has the value's dtype, as the op's.
+    one; the output has the value's dtype, as the op's. The inputs are checked as the op checks
+    them (floating dtypes, shapes, levels summing to S; `level_start_index` too when given), with
+    the op's messages.
     """
+    shapes = _check_reference_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     out_dtype = value.dtype
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
     value, sampling_locations, attention_weights = (
         value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype))
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes: List[List[int]] = (
-        spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else [list(s) for s in spatial_shapes]
-    )
     if N * Lq * M == 0 or D == 0:
         return value.new_zeros(N, Lq, M * D, dtype=out_dtype)
     grids = sampling_locations * 2 - 1  # grid_sample wants [-1, 1]

@@ -61,7 +61,7 @@ class ExplainRequest:
     layer: int = -1  # decoder (and encoder) layer
     head: Optional[int] = None  # one attention head (None: all)
     top_k: int = 3  # detections to explain
-    pixel: Optional[Tuple[float, float]] = None  # encoder view: (x, y) in input image pixels (None: top detection)
+    pixel: Optional[Tuple[float, float]] = None  # encoder view: (x, y) in original image pixels (None: top detection)
     metadata: object = None  # the dataset's Metadata (class names), or None
 
     @property
