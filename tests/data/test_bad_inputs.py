@@ -21,6 +21,8 @@ from detectron2.data.datasets import register_coco_instances
 import train_net
 from hybrid_detr.checkpoint import CheckpointError, HybridCheckpointer
 from hybrid_detr.config import load_config
+from hybrid_detr.data import validate_dataset_dicts
+from hybrid_detr.data.custom import check_num_classes, register_coco_dataset
 from hybrid_detr.engine.checks import check_config
 from hybrid_detr.modeling.matcher import HungarianMatcher
 from model_helpers import tiny_cfg
@@ -123,8 +125,15 @@ def test_broken_json(dataset):
         _build(d)
 
 
-def test_json_without_annotations_key(dataset):
+def test_json_without_annotations_key_is_not_trained_on(dataset):
     d = dataset(edit=lambda c: c.pop("annotations"))
+    with pytest.raises(ValueError, match=rf"{d.json_file.name}': no 'annotations' key: a file of images only "
+                                         r"\(like COCO test-dev\) can be evaluated .* but not trained on"):
+        _build(d)
+
+
+def test_non_list_annotations(dataset):
+    d = dataset(edit=lambda c: c.update(annotations={"1": []}))
     with pytest.raises(ValueError, match=r"missing or non-list key 'annotations'"):
         _build(d)
 
@@ -250,6 +259,224 @@ def test_images_without_objects_are_normal_data(dataset, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Categories and boxes in the JSON
+# ------------------------------------------------------------------------------------------------
+def test_category_id_listed_twice(dataset, tmp_path):
+    """detectron2 would count 3 classes (advice: NUM_CLASSES 3), shift the labels and fail in evaluation."""
+    d = dataset(edit=lambda c: c["categories"].append({"id": 2, "name": "b"}))
+    match = r"category id 2 \('b'\) is listed twice in 'categories': remove the second entry"
+    with pytest.raises(ValueError, match=match):
+        _build(d)
+    with pytest.raises(ValueError, match=match):  # --dataset refuses it when it registers it
+        register_coco_dataset("bad_input_twice", str(d.json_file), str(d.image_root))
+    assert "bad_input_twice" not in DatasetCatalog.list()
+
+
+def test_two_categories_with_one_id(dataset):
+    d = dataset(edit=lambda c: c["categories"].append({"id": 2, "name": "c"}))
+    with pytest.raises(ValueError, match=r"category id 2 is given to two categories, 'b' and 'c': give each category its own id"):
+        _build(d)
+
+
+@pytest.mark.parametrize("bbox", ["10,12,30,25", ["10", "12", "30", "25"], [10.0, 12.0, 30.0, True]])
+def test_box_that_is_not_4_numbers(dataset, bbox):
+    d = dataset(edit=lambda c: c["annotations"][2].update(bbox=bbox))
+    with pytest.raises(ValueError, match=r"annotation 3 of image id 3 \('3\.jpg'\) has bbox .*: a box must be a list "
+                                         r"of 4 numbers \[x, y, width, height\]"):
+        _build(d)
+
+
+def test_box_that_is_not_4_numbers_in_dataset_dicts():
+    """Datasets registered by a function of their own skip the JSON check: the dict check refuses it."""
+    record = {"file_name": "x.jpg", "image_id": 1, "height": 80, "width": 80,
+              "annotations": [{"bbox": ["1", "2", "30", "40"], "bbox_mode": 1, "category_id": 0}]}
+    with pytest.raises(ValueError, match=r"Dataset 'own', image 'x\.jpg': annotation 0: bbox .* is not 4 numbers"):
+        validate_dataset_dicts([record], 2, "own")
+
+
+# ------------------------------------------------------------------------------------------------
+# Image files
+# ------------------------------------------------------------------------------------------------
+def _grey_ramp():
+    return (np.arange(SIZE * SIZE, dtype=np.uint32).reshape(SIZE, SIZE) * 255 // (SIZE * SIZE - 1)).astype(np.uint8)
+
+
+def test_sixteen_bit_png_is_read_scaled_to_8_bit(dataset, caplog):
+    """detectron2 would read it as all 255. The high byte is what PIL keeps of 16-bit colour PNGs
+    and what OpenCV reads, so the 16-bit file trains exactly as its 8-bit version."""
+    d = dataset()
+    ramp = _grey_ramp()
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(d.image_root / "1.jpg", format="PNG")  # 16-bit grey
+    Image.fromarray(ramp).save(d.image_root / "2.jpg", format="PNG")  # its 8-bit version
+    assert Image.open(d.image_root / "1.jpg").mode == "I;16"
+    with caplog.at_level(logging.WARNING):
+        loader = _build(d, "INPUT.RANDOM_FLIP", "none", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False)
+    assert "1 images have 16-bit grey pixels (e.g. '" in caplog.text and "1.jpg" in caplog.text
+    records = {r["image_id"]: r for r in DatasetCatalog.get(d.name)}
+    sixteen, eight = (loader.dataset.mapper(records[i])["image"] for i in (1, 2))
+    assert torch.equal(sixteen, eight)
+    assert sixteen.min() < 10 and sixteen.max() > 245  # the ramp, not a white image
+
+
+def _damage_the_middle(path):
+    """A photo-like JPEG (gradients and texture, not noise), then 300 random bytes over the middle of
+    it; its start and end markers stay. PIL decodes it without a word. (Not every such damage can be
+    detected: image_io's docstring says which.)"""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    texture = 128 + 60 * np.sin(x / 7.0) * np.cos(y / 5.0)
+    noise = np.random.default_rng(0).integers(-20, 20, (SIZE, SIZE, 3))
+    photo = np.stack([x * 255 / SIZE, y * 255 / SIZE, texture], -1) + noise
+    Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(path, format="JPEG")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 300] = np.random.default_rng(2).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+    Image.open(path).load()
+
+
+def test_jpeg_damaged_in_the_middle(dataset):
+    d = dataset()
+    _damage_the_middle(d.image_root / "3.jpg")
+    with pytest.raises(ValueError, match=r"3\.jpg' \(image_id 3\): unreadable or truncated image \(corrupt compressed "
+                                         r"data \(damaged in the middle of the file\?\): the data ends before the last "
+                                         r"pixel is decoded.*\): replace the file"):
+        _build(d)
+
+
+def test_large_dataset_damaged_jpeg_is_named_when_loaded(dataset, monkeypatch):
+    """Above FULL_DECODE_MAX_IMAGES only the headers are read up front; the mapper's decode names the file."""
+    d = dataset()
+    _damage_the_middle(d.image_root / "3.jpg")
+    monkeypatch.setenv("HYBRID_DETR_IMAGE_CHECK", "header")
+    loader = _build(d)
+    record = next(r for r in DatasetCatalog.get(d.name) if r["image_id"] == 3)
+    with pytest.raises(OSError, match=r"Cannot read image '.*3\.jpg' \(image_id 3\): unreadable or truncated image "
+                                      r"\(corrupt compressed data"):
+        loader.dataset.mapper(record)
+
+
+def test_extremely_elongated_image(dataset):
+    """2000x2 under MAX_SIZE_TRAIN 96 would be resized to 96x0: refused before training."""
+    def elongate(coco):
+        coco["images"][3].update(width=2000, height=2)
+        coco["annotations"][3].update(bbox=[100.0, 0.0, 50.0, 2.0])
+    d = dataset(edit=elongate)
+    _write_image(d.image_root / "4.jpg", w=2000, h=2)
+    with pytest.raises(ValueError, match=r"Image '.*4\.jpg' \(image_id 4\): the image is 2000x2: resizing it to a "
+                                         r"shortest side of 64 \(longest at most 96\) would make it 96x0, no pixel left "
+                                         r"\(an image longer than 192 times its short side has none\)"):
+        _build(d)
+
+
+def test_decompression_bomb(dataset):
+    d = dataset(edit=lambda c: c["images"][1].update(width=15000, height=15000))
+    Image.new("1", (15000, 15000)).save(d.image_root / "2.jpg", format="PNG")  # 27 kB
+    with pytest.raises(ValueError, match=r"2\.jpg' \(image_id 2\): Image size \(225000000 pixels\) exceeds limit .* "
+                                         r"Downscale the image .*`PIL\.Image\.MAX_IMAGE_PIXELS = None`"):
+        _build(d)
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 12345\n"
+)
+
+
+def test_git_lfs_pointer_as_image(dataset):
+    d = dataset()
+    (d.image_root / "2.jpg").write_text(LFS_POINTER)
+    with pytest.raises(ValueError, match=r"2\.jpg' \(image_id 2\): this is a git-LFS pointer file, .*run `git lfs pull`"):
+        _build(d)
+
+
+def test_git_lfs_pointer_as_annotation_json(dataset):
+    d = dataset(json_text=LFS_POINTER)
+    match = rf"{d.json_file.name}': this is a git-LFS pointer file, .*run `git lfs pull`"
+    with pytest.raises(ValueError, match=match):
+        _build(d)
+    with pytest.raises(ValueError, match=match):
+        register_coco_dataset("bad_input_lfs", str(d.json_file), str(d.image_root))
+
+
+def _jpeg_rotated_by_exif(path, w, h):
+    """A w x h JPEG whose EXIF orientation 6 turns it to h x w when read (as phones save portraits)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, exif=exif)
+
+
+def test_image_size_is_checked_after_the_exif_orientation(dataset):
+    """detectron2's mapper rotates the image by its EXIF orientation, then compares its size to the
+    annotations: the same comparison is made before training."""
+    d = dataset()
+    _jpeg_rotated_by_exif(d.image_root / "2.jpg", w=SIZE + 16, h=SIZE)  # header 96x80, read as 80x96
+    with pytest.raises(ValueError, match=r"2\.jpg' \(image_id 2\): image is 80x96 but the annotations say 80x80"):
+        _build(d)
+    d = dataset(edit=lambda c: c["images"][1].update(width=SIZE, height=SIZE + 16))
+    _jpeg_rotated_by_exif(d.image_root / "2.jpg", w=SIZE + 16, h=SIZE)
+    loader = _build(d)
+    record = next(r for r in DatasetCatalog.get(d.name) if r["image_id"] == 2)
+    assert loader.dataset.mapper(record)["image"].shape[1:] == (77, 64)  # 80x96 -> short side 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: test-dev files, class counts of the datasets used
+# ------------------------------------------------------------------------------------------------
+def _eval_only(cfg, tmp_path, *dataset_specs):
+    """train_net.py --eval-only on `cfg` (written to a file), with weights of its model."""
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": train_net.Trainer.build_model(cfg).state_dict()}, weights)
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.dump())
+    specs = [arg for spec in dataset_specs for arg in ("--dataset", spec)]
+    args = train_net.argument_parser().parse_args(
+        ["--eval-only", "--config-file", str(config), *specs, "MODEL.WEIGHTS", str(weights)]
+    )
+    return train_net.main(args)
+
+
+def test_test_dev_file_evaluates_by_writing_predictions(dataset, tmp_path):
+    """A COCO test-dev style JSON (no 'annotations') registers and evaluates as in detectron2: images
+    without objects, predictions written for submission, no AP. --eval-only checks the class count of
+    the test set only: the training set here has 3 classes and is not used."""
+    d = dataset()
+    test_dev = {k: v for k, v in d.coco.items() if k != "annotations"}
+    test_dev_json = tmp_path / "test_dev.json"
+    test_dev_json.write_text(json.dumps(test_dev))
+    three_classes = dataset(edit=lambda c: c["categories"].append({"id": 3, "name": "c"}))
+    cfg = d.cfg("DATASETS.TRAIN", f"('{three_classes.name}',)", "DATASETS.TEST", "('bad_input_test_dev',)",
+                "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96, "OUTPUT_DIR", tmp_path / "out")
+    try:
+        results = _eval_only(cfg, tmp_path, f"bad_input_test_dev={test_dev_json}:{d.image_root}")
+        assert "bbox" not in results  # no AP without ground truth
+        predictions = json.loads((tmp_path / "out" / "inference" / "bad_input_test_dev" / "coco_instances_results.json").read_text())
+        assert predictions and {p["image_id"] for p in predictions} <= {1, 2, 3, 4}
+        assert {p["category_id"] for p in predictions} <= {1, 2}  # the JSON's category ids
+        with pytest.raises(ValueError, match=r"no 'annotations' key"):  # but it is not trained on
+            train_net.Trainer.build_train_loader(d.cfg("DATASETS.TRAIN", "('bad_input_test_dev',)"))
+    finally:
+        DatasetCatalog.remove("bad_input_test_dev")
+        MetadataCatalog.remove("bad_input_test_dev")
+
+
+def test_class_count_advice_comes_from_the_datasets_used(dataset):
+    two, three = dataset(), dataset(edit=lambda c: c["categories"].append({"id": 3, "name": "c"}))
+    MetadataCatalog.get(two.name).set(thing_classes=["a", "b"])
+    MetadataCatalog.get(three.name).set(thing_classes=["a", "b", "c"])
+    cfg = two.cfg("DATASETS.TRAIN", f"('{three.name}',)", "DATASETS.TEST", f"('{two.name}',)",
+                  "MODEL.HYBRID_DETR.NUM_CLASSES", 5)
+    with pytest.raises(ValueError, match=rf"Dataset '{two.name}' has 2 classes .* set MODEL\.HYBRID_DETR\.NUM_CLASSES 2"):
+        check_num_classes(cfg, eval_only=True)
+    with pytest.raises(ValueError, match=rf"different numbers of classes \('{three.name}' 3, '{two.name}' 2\)"):
+        check_num_classes(cfg)
+    cfg.MODEL.HYBRID_DETR.NUM_CLASSES = 2
+    cfg.DATASETS.TRAIN = ("not_registered",)
+    check_num_classes(cfg, eval_only=True)  # the training set is not used
+
+
+# ------------------------------------------------------------------------------------------------
 # Configs
 # ------------------------------------------------------------------------------------------------
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -310,7 +537,7 @@ def test_batch_not_divisible_by_the_workers():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("SOLVER.STEPS", (500,), r"SOLVER\.STEPS \(500,\) must lie in \(0, SOLVER\.MAX_ITER"),
+    ("SOLVER.STEPS", (60, 20), r"SOLVER\.STEPS \(60, 20\) must be increasing iterations > 0"),
     ("SOLVER.CHECKPOINT_PERIOD", 0, r"SOLVER\.CHECKPOINT_PERIOD must be > 0"),
     ("DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler", r"SAMPLER_TRAIN 'RepeatFactorTrainingSampler' is not supported"),
     ("MODEL.HYBRID_DETR.NHEADS", 5, r"HIDDEN_DIM \(64\) must be divisible by MODEL\.HYBRID_DETR\.NHEADS \(5\)"),

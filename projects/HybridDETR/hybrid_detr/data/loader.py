@@ -119,8 +119,13 @@ class SeededMapDataset(Dataset):
 def build_resumable_train_loader(dataset_dicts, mapper, total_batch_size, seed, num_workers=0, shuffle=True):
     """A torch DataLoader of lists of mapped dicts (this rank's share of each iteration's batch).
 
-    Resume by setting `loader.batch_sampler.start_iter` before the first `iter(loader)`.
+    Resume by setting `loader.batch_sampler.start_iter` before the first `iter(loader)`. A mapper
+    with a `check_dataset_dicts` method (DetrDatasetMapper) checks the records first, so that what
+    it would refuse at some step stops the run before the first one.
     """
+    check = getattr(mapper, "check_dataset_dicts", None)
+    if check is not None:
+        check(dataset_dicts)
     sampler = ResumableBatchSampler(len(dataset_dicts), total_batch_size, seed, shuffle=shuffle)
     dataset = SeededMapDataset(DatasetFromList(dataset_dicts, copy=False), mapper, seed)
     return DataLoader(

@@ -2,34 +2,54 @@
 problem, before the first training step (instead of a traceback from inside detectron2 or
 pycocotools, a hang in a data-loader worker, or a silently wrong loss).
 
-- `validate_coco_json`: the JSON file exists, parses, has images / annotations / categories,
-  unique image ids, annotations pointing at existing images and categories;
+- `validate_coco_json`: the JSON file exists (and is not a git-LFS pointer), parses, has images /
+  categories (and annotations, unless `require_annotations=False`: a test-dev style file of images
+  only, which detectron2 loads without objects and COCOEvaluator evaluates by writing the
+  predictions only), unique image and category ids, annotations pointing at existing images and
+  categories, boxes that are 4 numbers;
 - `validate_dataset_dicts`: image sizes, finite boxes of positive size inside the image (a box
   sticking out by at most 10% of the side is clipped by the mapper, with one warning per
   dataset; further out is refused), category ids in [0, num_classes), unique image ids;
-- `check_image_files`: every image exists, is a readable image of the size the annotations say,
-  and is not truncated (checked in parallel over the distributed workers).
+- `check_image_files`: every image exists, is a readable image of the size the annotations say
+  (after its EXIF orientation, as detectron2's mapper reads it), not a decompression bomb, with
+  pixels the mapper can read (`image_io`). Small datasets are decoded in full (truncated and
+  corrupt files found here), large ones only have their headers read (the mapper then checks
+  each file as it decodes it). Several threads, and the distributed workers, share the files.
 
 `hybrid_detr.data.checked.load_checked_dataset_dicts` runs all of them on a registered dataset. This
 module knows no registry (it is imported by `registration`, never the other way round).
 """
+import concurrent.futures
 import json
 import logging
 import math
 import numbers
 import os
-
-from PIL import Image
+import time
 
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-__all__ = ["check_image_files", "validate_coco_json", "validate_dataset_dicts"]
+from .image_io import LFS_POINTER_PREFIX, image_file_problem, lfs_pointer_problem
+
+__all__ = ["check_image_files", "validate_coco_json", "validate_dataset_dicts", "FULL_DECODE_MAX_IMAGES"]
 
 logger = logging.getLogger(__name__)
 
 # A box may stick out of the image by this fraction of the image side (rounding, loose labels).
 _OUTSIDE_TOLERANCE = 0.1
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_four_numbers(bbox):
+    """A list, tuple or array of 4 numbers (not a string like "1,2,3,4", nor numbers as strings)."""
+    return (
+        not isinstance(bbox, (str, bytes)) and hasattr(bbox, "__len__") and len(bbox) == 4
+        and all(_is_number(v) for v in bbox)
+    )
 
 
 def _fail(dataset_name, record, problem):
@@ -55,12 +75,9 @@ def validate_dataset_dicts(dataset_dicts, num_classes, dataset_name):
         tol_x, tol_y = _OUTSIDE_TOLERANCE * w, _OUTSIDE_TOLERANCE * h
         for j, anno in enumerate(record.get("annotations", ()) or ()):
             bbox = anno.get("bbox")
-            if bbox is None or len(bbox) != 4:
+            if not _is_four_numbers(bbox):
                 _fail(dataset_name, record, f"annotation {j}: bbox {bbox!r} is not 4 numbers")
-            try:
-                vals = [float(v) for v in bbox]
-            except (TypeError, ValueError):
-                _fail(dataset_name, record, f"annotation {j}: bbox {bbox!r} is not numeric")
+            vals = [float(v) for v in bbox]
             if not all(math.isfinite(v) for v in vals):
                 _fail(dataset_name, record, f"annotation {j}: bbox {bbox!r} is not finite")
             mode = anno.get("bbox_mode", BoxMode.XYWH_ABS)
@@ -111,113 +128,178 @@ def _json_fail(dataset_name, json_file, problem):
     raise ValueError(f"Dataset '{dataset_name}', annotation file '{json_file}': {problem}")
 
 
-def validate_coco_json(json_file, dataset_name):
-    """Check a COCO-format annotation file; return its parsed content."""
+def _annotation_name(annotation, images):
+    """'annotation 7 of image id 3 ('3.jpg')', how errors name an annotation."""
+    image_id = annotation.get("image_id")
+    file_name = images.get(image_id) if _is_id(image_id) else None
+    where = f" ('{file_name}')" if file_name is not None else ""
+    return f"annotation {annotation.get('id', '?')!r} of image id {image_id!r}{where}"
+
+
+def _is_id(value):
+    """An image / category / annotation id: a number or a string (what can key a dict, as ids do)."""
+    return isinstance(value, (numbers.Number, str))
+
+
+def _check_categories(categories, fail):
+    """The category ids; two entries with one id are refused (detectron2 would count both as
+    classes, shifting every label after them)."""
+    names = {}
+    for c in categories:
+        if not isinstance(c, dict) or "id" not in c:
+            fail(f"category {c!r} has no 'id'")
+        cid = c["id"]
+        if isinstance(cid, bool) or not isinstance(cid, (numbers.Integral, str)):
+            fail(f"category {c!r}: its id must be an integer")
+        name = c.get("name")
+        if cid in names:
+            if names[cid] == name:
+                fail(f"category id {cid!r} ({name!r}) is listed twice in 'categories': remove the second entry")
+            fail(
+                f"category id {cid!r} is given to two categories, {names[cid]!r} and {name!r}: give each "
+                f"category its own id (and each annotation the category_id of its class)"
+            )
+        names[cid] = name
+    return set(names)
+
+
+def validate_coco_json(json_file, dataset_name, require_annotations=True):
+    """Check a COCO-format annotation file; return its parsed content.
+
+    `require_annotations=False` accepts a file without an 'annotations' key (COCO test-dev: images
+    and categories only), as detectron2's `load_coco_json` does; its images then have no objects,
+    and the returned dict has `annotations: []`."""
+    def fail(problem):
+        _json_fail(dataset_name, json_file, problem)
+
     if not os.path.isfile(json_file):
-        _json_fail(dataset_name, json_file, "file not found")
+        fail("file not found")
     try:
+        with open(json_file, "rb") as f:
+            lfs = lfs_pointer_problem(f.read(len(LFS_POINTER_PREFIX)))
+        if lfs:
+            fail(lfs)
         with open(json_file) as f:
             coco = json.load(f)
     except json.JSONDecodeError as e:
-        _json_fail(dataset_name, json_file, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
+        fail(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})")
     except (OSError, UnicodeDecodeError) as e:
-        _json_fail(dataset_name, json_file, f"cannot be read ({e})")
+        fail(f"cannot be read ({e})")
     if not isinstance(coco, dict):
-        _json_fail(dataset_name, json_file, f"expected a JSON object, got {type(coco).__name__}")
+        fail(f"expected a JSON object, got {type(coco).__name__}")
+    if "annotations" not in coco:
+        if require_annotations:
+            fail(
+                "no 'annotations' key: a file of images only (like COCO test-dev) can be evaluated (the "
+                "predictions are written, no AP) but not trained on"
+            )
+        coco["annotations"] = []
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            _json_fail(dataset_name, json_file, f"missing or non-list key '{key}'")
+            fail(f"missing or non-list key '{key}'")
     if not coco["images"]:
-        _json_fail(dataset_name, json_file, "empty dataset: 'images' is empty")
-    categories = set()
-    for c in coco["categories"]:
-        if not isinstance(c, dict) or "id" not in c:
-            _json_fail(dataset_name, json_file, f"category {c!r} has no 'id'")
-        categories.add(c["id"])
+        fail("empty dataset: 'images' is empty")
+    categories = _check_categories(coco["categories"], fail)
     images = {}
     for im in coco["images"]:
         if not isinstance(im, dict):
-            _json_fail(dataset_name, json_file, f"image entry {im!r} is not an object")
+            fail(f"image entry {im!r} is not an object")
         missing = [k for k in ("id", "file_name", "height", "width") if k not in im]
         if missing:
-            _json_fail(dataset_name, json_file, f"image {im.get('id', im.get('file_name', '?'))!r} lacks {missing}")
+            fail(f"image {im.get('id', im.get('file_name', '?'))!r} lacks {missing}")
+        if not _is_id(im["id"]):
+            fail(f"image {im['file_name']!r} has id {im['id']!r}: an image id must be a number")
         if im["id"] in images:
-            _json_fail(
-                dataset_name, json_file,
-                f"duplicate image id {im['id']!r} ('{images[im['id']]}' and '{im['file_name']}')",
-            )
+            fail(f"duplicate image id {im['id']!r} ('{images[im['id']]}' and '{im['file_name']}')")
         images[im["id"]] = im["file_name"]
     ann_ids = set()
     for a in coco["annotations"]:
         if not isinstance(a, dict):
-            _json_fail(dataset_name, json_file, f"annotation entry {a!r} is not an object")
+            fail(f"annotation entry {a!r} is not an object")
         missing = [k for k in ("image_id", "bbox", "category_id") if k not in a]
         if missing:
-            _json_fail(dataset_name, json_file, f"annotation {a.get('id', '?')!r} lacks {missing}")
-        if a["image_id"] not in images:
-            _json_fail(
-                dataset_name, json_file, f"annotation {a.get('id')!r} names image id {a['image_id']!r}, not in 'images'"
+            fail(f"annotation {a.get('id', '?')!r} lacks {missing}")
+        if not _is_id(a["image_id"]) or a["image_id"] not in images:
+            fail(f"annotation {a.get('id')!r} names image id {a['image_id']!r}, not in 'images'")
+        if not _is_id(a["category_id"]) or a["category_id"] not in categories:
+            fail(
+                f"{_annotation_name(a, images)} has category_id {a['category_id']!r}, not in 'categories' "
+                f"{sorted(categories, key=lambda c: (isinstance(c, str), c))}"
             )
-        if a["category_id"] not in categories:
-            _json_fail(
-                dataset_name, json_file,
-                f"annotation {a.get('id')!r} of image id {a['image_id']!r} ('{images[a['image_id']]}') has "
-                f"category_id {a['category_id']!r}, not in 'categories' {sorted(categories)}",
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or not _is_four_numbers(bbox):
+            fail(
+                f"{_annotation_name(a, images)} has bbox {bbox!r}: a box must be a list of 4 numbers "
+                f"[x, y, width, height]"
             )
         if "id" in a:
+            if not _is_id(a["id"]):
+                fail(f"{_annotation_name(a, images)}: an annotation id must be a number")
             if a["id"] in ann_ids:
-                _json_fail(dataset_name, json_file, f"duplicate annotation id {a['id']!r}")
+                fail(f"duplicate annotation id {a['id']!r}")
             ann_ids.add(a["id"])
     return coco
 
 
-def _image_problem(record):
-    """None if the image of `record` is usable, else what is wrong with it."""
-    path = record.get("file_name")
-    if not path or not os.path.isfile(path):
-        return "image file not found"
-    try:
-        with Image.open(path) as im:
-            size = im.size  # (w, h) from the header
-            fmt = im.format
-            if not _complete(path, fmt):
-                im.load()  # the marker check failed: decode to be sure
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"unreadable or truncated image ({e})"
+# Datasets of at most this many images (per distributed worker) have every image decoded when they
+# are checked (a few ms an image); larger ones only have their headers read, and the mapper checks
+# each image as it decodes it. HYBRID_DETR_IMAGE_CHECK=full|header overrides the choice.
+FULL_DECODE_MAX_IMAGES = 5000
+_IMAGE_CHECK_ENV = "HYBRID_DETR_IMAGE_CHECK"
+
+
+def _full_decode_wanted(num_images):
+    choice = os.environ.get(_IMAGE_CHECK_ENV, "").strip().lower()
+    if choice in ("full", "header"):
+        return choice == "full"
+    if choice:
+        raise ValueError(f"{_IMAGE_CHECK_ENV}={choice!r}: expected 'full', 'header' or nothing")
+    return num_images <= FULL_DECODE_MAX_IMAGES
+
+
+def _check_one(record, full_decode):
     w, h = record.get("width"), record.get("height")
-    if w is not None and h is not None and size not in ((w, h), (h, w)):  # (h, w): EXIF rotation
-        return f"image is {size[0]}x{size[1]} but the annotations say {w}x{h}"
-    return None
+    return image_file_problem(
+        record.get("file_name"), None if w is None or h is None else (w, h), full_decode=full_decode
+    )
 
 
-def _complete(path, fmt):
-    """Cheap end-of-file check: JPEG ends with EOI (FFD9), PNG with an IEND chunk."""
-    if fmt not in ("JPEG", "PNG"):
-        return True
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(f.tell() - 32, 0))
-        tail = f.read()
-    if fmt == "JPEG":
-        return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    return b"IEND" in tail
-
-
-def check_image_files(dataset_dicts, dataset_name):
+def check_image_files(dataset_dicts, dataset_name, full_decode=None):
     """Raise ValueError naming the first bad image (file, image id, problem), on every worker.
 
-    Each of the distributed workers checks its share of the images."""
+    Each of the distributed workers checks its share of the images, with a few threads (reading
+    and decoding release the GIL). `full_decode`: decode every image (True), read headers only
+    (False), or decide by the number of images (None, see FULL_DECODE_MAX_IMAGES)."""
     rank, world = comm.get_rank(), comm.get_world_size()
-    problem = None
-    for record in dataset_dicts[rank::world]:
-        what = _image_problem(record)
-        if what:
-            problem = (
-                f"Dataset '{dataset_name}', image '{record.get('file_name')}' "
-                f"(image_id {record.get('image_id')!r}): {what}"
-            )
-            break
+    share = dataset_dicts[rank::world]
+    if full_decode is None:
+        full_decode = _full_decode_wanted(len(share))
+    start = time.perf_counter()
+    problem, sixteen_bit = None, []
+    threads = max(1, min(8, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for record, (what, info) in zip(share, pool.map(lambda r: _check_one(r, full_decode), share)):
+            if what:
+                problem = (
+                    f"Dataset '{dataset_name}', image '{record.get('file_name')}' "
+                    f"(image_id {record.get('image_id')!r}): {what}"
+                )
+                pool.shutdown(cancel_futures=True)  # the images after it need not be checked
+                break
+            if info["sixteen_bit"]:
+                sixteen_bit.append(record.get("file_name"))
     problems = comm.all_gather(problem) if world > 1 else [problem]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(problems[0])
+    logger.info(
+        f"Dataset '{dataset_name}': {len(share)} image files checked ("
+        f"{'decoded in full' if full_decode else 'headers only; each is checked in full when it is loaded'}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if sixteen_bit:
+        logger.warning(
+            f"Dataset '{dataset_name}': {len(sixteen_bit)} images have 16-bit grey pixels (e.g. '{sixteen_bit[0]}'); "
+            f"they are read scaled to 8 bit by their high byte (value >> 8), as OpenCV and PIL's 16-bit colour "
+            f"reading do. If their values use fewer bits (a 12-bit sensor), rescale them to 8 bit yourself"
+        )
