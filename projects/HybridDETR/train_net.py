@@ -27,7 +27,7 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import hybrid_detr  # noqa: E402,F401  (registers the HybridDETR meta-architecture)
-from hybrid_detr.checkpoint import HybridCheckpointer  # noqa: E402
+from hybrid_detr.checkpoint import CheckpointError, HybridCheckpointer, describe_non_finite, non_finite_tensors  # noqa: E402
 from hybrid_detr.config import load_config  # noqa: E402
 from hybrid_detr.data.custom import check_num_classes, register_dataset_specs  # noqa: E402
 from hybrid_detr.engine.launch import shut_down_workers  # noqa: E402
@@ -50,13 +50,23 @@ def setup(args):
 def main(args):
     register_dataset_specs(getattr(args, "dataset", ()))
     cfg = setup(args)
-    check_num_classes(cfg)
+    check_num_classes(cfg, eval_only=args.eval_only)
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpoint = HybridCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = HybridCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        # Weights are required, with every tensor used at inference (a wrong mode's or config's
+        # checkpoint would evaluate random weights to AP ~ 0 and exit 0).
+        checkpoint = checkpointer.load_for_inference(
+            cfg.MODEL.WEIGHTS, resume=args.resume,
+            config_hint=f"MODEL.HYBRID_DETR.DECODER_MODE {cfg.MODEL.HYBRID_DETR.DECODER_MODE!r}",
+        )
         if cfg.MODEL_EMA.ENABLED and "model_ema" in checkpoint:
-            model.load_state_dict(checkpoint["model_ema"]["state"])  # evaluate the EMA weights
+            ema_state = checkpoint["model_ema"]["state"]
+            bad = non_finite_tensors(ema_state.items())
+            if bad:
+                raise CheckpointError(f"The EMA weights of the checkpoint are not finite: {describe_non_finite(bad)}")
+            model.load_state_dict(ema_state)  # evaluate the EMA weights
             logger.info("Evaluating the EMA weights of the checkpoint (MODEL_EMA.ENABLED)")
         results = Trainer.test(cfg, model)
         if comm.is_main_process():

@@ -300,8 +300,9 @@ def test_demo_draws_predictions_to_a_png(tiny, tmp_path):
     if not image.exists():
         DatasetCatalog.get(f"{PREFIX}_val")  # generates the split
     output = tmp_path / "out" / "demo.png"
-    instances = demo.main(["--config-file", tiny.config, "--input", str(image), "--output", str(output),
-                           "--confidence-threshold", "0.0"])
+    per_output = demo.main(["--config-file", tiny.config, "--input", str(image), "--output", str(output),
+                            "--confidence-threshold", "0.0", "--allow-random-weights"])  # the tiny config has none
+    instances = per_output[str(output)]
     assert len(instances) > 0  # threshold 0: every kept detection is drawn
     with Image.open(output) as drawn, Image.open(image) as original:
         assert drawn.format == "PNG" and drawn.size == original.size

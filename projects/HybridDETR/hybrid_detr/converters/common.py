@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint import describe_non_finite, non_finite_tensors
+
 __all__ = [
     "CONVERTERS",
     "COCO_THING_IDS",
@@ -21,6 +23,7 @@ __all__ = [
     "coco91_to_80",
     "convert_torchvision_backbone",
     "check_against_config",
+    "check_finite",
     "convert_file",
     "load_official_checkpoint",
     "register_converter",
@@ -280,14 +283,28 @@ def check_against_config(conversion: Conversion):
         )
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """ConversionError naming the tensors of an official state dict that hold NaN or Inf: such a
+    checkpoint (a diverged run's, or a damaged file) would convert into a model that predicts NaN."""
+    bad = non_finite_tensors(state_dict.items())
+    if bad:
+        raise ConversionError(
+            f"{path}: non-finite values in {describe_non_finite(bad)}; refusing to convert it (the run that "
+            f"saved it diverged, or the file is damaged): use another checkpoint of that run"
+        )
+
+
 def convert_file(model: str, input_path: str, output_path: str) -> Conversion:
-    """Loads `input_path` as an official `model` checkpoint, converts it, checks it against the
-    config it is for (every key, every shape) and writes `output_path`."""
+    """Loads `input_path` as an official `model` checkpoint, refuses it if a tensor holds NaN/Inf,
+    converts it, checks it against the config it is for (every key, every shape) and writes
+    `output_path`."""
     if model not in CONVERTERS:
         raise ConversionError(f"unknown model {model!r}: choose from {sorted(CONVERTERS)}")
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ConversionError("the output would overwrite the input; choose another output path")
-    conversion = CONVERTERS[model](load_official_checkpoint(input_path, model, SAFE_GLOBALS[model]))
+    official = load_official_checkpoint(input_path, model, SAFE_GLOBALS[model])
+    check_finite(official, input_path)
+    conversion = CONVERTERS[model](official)
     check_against_config(conversion)
     save_detectron2_checkpoint(conversion, output_path, source=input_path)
     return conversion

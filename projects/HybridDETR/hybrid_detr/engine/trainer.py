@@ -9,9 +9,14 @@ Differences from DefaultTrainer, each for a reason:
   uninterrupted run would be (bit-identical weights on CPU with the same thread count);
 - atomic checkpoints and clear errors on bad weights (`hybrid_detr.checkpoint`);
 - metrics.json / TensorBoard without repeated iterations after a resume (`engine.hooks`);
-- training stops at the first non-finite loss on any worker (`engine.hooks.NonFiniteLossGuard`);
+- training stops at the first non-finite loss on any worker (`engine.hooks.NonFiniteLossGuard`), and
+  a model whose weights are no longer finite is not checkpointed (`FiniteWeightsBeforeCheckpoint`);
+- a resume whose checkpoint (weights or optimizer state) does not fit the model stops, naming the
+  tensors (`HybridCheckpointer.resume_or_load`, `check_optimizer_state`);
 - datasets and config are checked before the first step (`hybrid_detr.data.checked`,
-  `engine.checks`).
+  `engine.checks`), MODEL.DEVICE before the model is built;
+- SOLVER.STEPS at or beyond MAX_ITER are ignored with a warning (detectron2 ignores those beyond it);
+- during the first writer period, losses and ETA are also written every `EARLY_WRITE_SECONDS`.
 
 No detectron2 object is patched after it is built: `build_hooks` builds DefaultTrainer's hooks with
 our choices through their public constructors. Two of DefaultTrainer's own attributes are set as its
@@ -24,6 +29,8 @@ import logging
 import os
 import weakref
 
+import torch
+
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator
@@ -32,19 +39,26 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 
-from ..checkpoint import HybridCheckpointer
+from ..checkpoint import CheckpointError, HybridCheckpointer
 from ..data import DetrDatasetMapper, ensure_synthetic_dataset
 from ..data.loader import build_resumable_train_loader, sample_seed, seed_all
 from ..data.checked import load_checked_dataset_dicts
 from .model_analysis import benchmark_model, format_benchmark
-from .checks import check_config
+from .checks import check_config, check_device, check_model_values
 from .ema import EMAHook, ModelEMA
 from .mixed_precision import build_step_runner
-from .hooks import FlushingPeriodicCheckpointer, NonFiniteLossGuard, ResumableTensorboardWriter, truncate_metrics_json
+from .hooks import (
+    EarlyPeriodicWriter,
+    FiniteWeightsBeforeCheckpoint,
+    FlushingPeriodicCheckpointer,
+    NonFiniteLossGuard,
+    ResumableTensorboardWriter,
+    truncate_metrics_json,
+)
 from .launch import create_ddp_model
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "resolve_seed"]
+__all__ = ["Trainer", "check_optimizer_state", "resolve_seed"]
 
 logger = logging.getLogger("detectron2")
 
@@ -57,6 +71,8 @@ def resolve_seed(cfg) -> int:
 class Trainer(DefaultTrainer):
     # Iterations between two writes of metrics.json / TensorBoard / the console (detectron2: 20).
     WRITER_PERIOD = 20
+    # During the first WRITER_PERIOD iterations, also write when this many seconds have passed.
+    EARLY_WRITE_SECONDS = 10.0
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
@@ -72,7 +88,9 @@ class Trainer(DefaultTrainer):
         guarded = NonFiniteLossGuard(ddp, lambda: self.iter)
         self._trainer = build_step_runner(cfg, guarded, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = HybridCheckpointer(ddp, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = HybridCheckpointer(
+            ddp, cfg.OUTPUT_DIR, divergence_hint=self._divergence_hint, trainer=weakref.proxy(self)
+        )
         self.model_ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         if self.model_ema is not None:
             self.checkpointer.add_checkpointable("model_ema", self.model_ema)
@@ -94,12 +112,21 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
+        optimizer_state = state_dict.get("_trainer", {}).get("optimizer")
+        if optimizer_state is not None:
+            check_optimizer_state(self.optimizer, optimizer_state, self.model, self.checkpointer.get_checkpoint_file())
         super().load_state_dict(state_dict)
         if "seed" in state_dict and state_dict["seed"] != self.seed:
             logger.info(f"Resume: using the checkpoint's seed {state_dict['seed']} (config: {self.seed})")
             self.seed = int(state_dict["seed"])
             self._trainer.data_loader.batch_sampler.seed = self.seed
             self._trainer.data_loader.dataset.seed = self.seed
+
+    def _divergence_hint(self) -> str:
+        lrs = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
+        return (f"the learning rate is likely too high (SOLVER.BASE_LR {self.cfg.SOLVER.BASE_LR:g}; now per group: "
+                f"{lrs}): lower SOLVER.BASE_LR, keep SOLVER.CLIP_GRADIENTS enabled, and resume from the last "
+                f"checkpoint or start afresh")
 
     def run_step(self):
         # Model-side randomness (dropout, DAC's random cap, R-CNN sampling) is a function of the
@@ -117,7 +144,8 @@ class Trainer(DefaultTrainer):
         - a checkpointer that first writes and flushes the file writers (not the console printer,
           whose ETA needs one write per iteration), so a checkpoint's metrics are on disk with it;
         - evaluation on the EMA weights when there are any;
-        - the writers every `WRITER_PERIOD` iterations.
+        - a finiteness check of the weights before each checkpoint, on every worker;
+        - the writers every `WRITER_PERIOD` iterations (and every `EARLY_WRITE_SECONDS` before the first).
         """
         cfg = self.cfg.clone()
         cfg.defrost()
@@ -132,6 +160,8 @@ class Trainer(DefaultTrainer):
             ret.append(hooks.PreciseBN(
                 cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
             ))
+        # Every worker, so that all stop together when the weights diverged.
+        ret.append(FiniteWeightsBeforeCheckpoint(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
         if main:
             files = [w for w in writers if not isinstance(w, CommonMetricPrinter)]
             ret.append(FlushingPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, files))
@@ -141,7 +171,7 @@ class Trainer(DefaultTrainer):
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate))
         if main:
             # Last, so that the evaluation metrics are written too.
-            ret.append(hooks.PeriodicWriter(writers, period=self.WRITER_PERIOD))
+            ret.append(EarlyPeriodicWriter(writers, period=self.WRITER_PERIOD, early_seconds=self.EARLY_WRITE_SECONDS))
         return ret
 
     def _evaluate_and_keep_results(self):
@@ -171,8 +201,33 @@ class Trainer(DefaultTrainer):
 
     # -- building blocks ------------------------------------------------------------------------
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, after the model values and MODEL.DEVICE are checked (training and
+        --eval-only alike)."""
+        check_model_values(cfg)
+        check_device(cfg)
+        return super().build_model(cfg)
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's scheduler; SOLVER.STEPS at or beyond MAX_ITER are dropped with a warning, as
+        detectron2 drops (and warns about) those beyond it. (One at MAX_ITER would never act, and
+        fvcore's scheduler refuses it.) A quick `SOLVER.MAX_ITER 5` try of a long config trains."""
+        steps, max_iter = tuple(cfg.SOLVER.STEPS), cfg.SOLVER.MAX_ITER
+        kept = tuple(s for s in steps if s < max_iter)
+        if kept != steps:
+            logger.warning(
+                f"SOLVER.STEPS {steps}: {[s for s in steps if s >= max_iter]} not below SOLVER.MAX_ITER "
+                f"({max_iter}), ignored (the learning rate never drops there), as detectron2 does"
+            )
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.STEPS = kept
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def load_train_dataset(cls, cfg):
@@ -227,3 +282,35 @@ class Trainer(DefaultTrainer):
         with open(path, "w") as f:
             json.dump({"dataset": dataset_name, **result}, f, indent=2)
         return result
+
+
+def check_optimizer_state(optimizer, saved_state, model, path) -> None:
+    """CheckpointError naming the parameters when a saved optimizer state does not fit `optimizer`
+    (other parameter groups, or moment tensors of another shape than their parameter): torch would
+    load it anyway and fail at the first step, the fused kernels with an internal assert or a crash."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups, saved_groups = optimizer.param_groups, saved_state.get("param_groups", [])
+    fix = (f"The config changed since {path} was written (which parameters are trained, or the optimizer): "
+           f"choose a new OUTPUT_DIR to start afresh, or pass MODEL.WEIGHTS {path} without --resume to "
+           f"fine-tune from its weights")
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise CheckpointError(
+            f"--resume: the optimizer state in {path} has parameter groups of {saved_sizes} tensors, the "
+            f"optimizer of this config {sizes} ({', '.join(str(g.get('name', i)) for i, g in enumerate(groups))}). "
+            + fix
+        )
+    wrong = []
+    for group, saved_group in zip(groups, saved_groups):
+        for param, index in zip(group["params"], saved_group["params"]):
+            for key, value in saved_state.get("state", {}).get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    wrong.append(f"{names.get(id(param), '?')} {key}: {tuple(value.shape)} saved, "
+                                 f"{tuple(param.shape)} in the model")
+                    break
+    if wrong:
+        more = f"; ... ({len(wrong)} in all)" if len(wrong) > 5 else ""
+        raise CheckpointError(
+            f"--resume: the optimizer state in {path} does not fit the model's parameters: "
+            + "; ".join(wrong[:5]) + more + ". " + fix
+        )

@@ -11,11 +11,12 @@ import os
 from typing import List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
+from hybrid_detr.checkpoint import HybridCheckpointer
 from hybrid_detr.config import load_config
+from hybrid_detr.engine.checks import check_device, check_model_values
 
 __all__ = ["list_configs", "get_config_file", "get_config", "get"]
 
@@ -78,7 +79,9 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
 def get(config_path: str, trained: bool = False, device: Optional[str] = None) -> torch.nn.Module:
     """The model of a shipped config, built and loaded with the config's MODEL.WEIGHTS (for COCO
     configs: ImageNet backbone weights, downloaded by detectron2; the quickstart: none). In
-    training mode, as detectron2's `model_zoo.get` returns it.
+    training mode, as detectron2's `model_zoo.get` returns it. `device` defaults to "cpu" when no
+    GPU is visible; a weights URL that cannot be reached raises CheckpointError saying how to
+    point MODEL.WEIGHTS at a local copy.
     """
     import hybrid_detr.modeling  # noqa: F401  (registers the meta-architecture)
 
@@ -87,6 +90,9 @@ def get(config_path: str, trained: bool = False, device: Optional[str] = None) -
         device = "cpu"
     if device is not None:
         cfg.MODEL.DEVICE = device
+    check_model_values(cfg)
+    check_device(cfg)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # Errors name the file or URL; an unreachable URL says how to use a local copy instead.
+    HybridCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model
