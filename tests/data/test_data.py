@@ -17,10 +17,12 @@ from detectron2.structures import BoxMode
 
 from hybrid_detr.config import add_hybrid_detr_config
 from hybrid_detr.data import (
+    CROWDED_CLASSES,
     SYNTHETIC_CLASSES,
     DetrDatasetMapper,
     build_detr_augmentation,
     ensure_split,
+    dataset_statistics,
     ensure_synthetic_dataset,
     generate_split,
     register_synthetic_datasets,
@@ -121,6 +123,31 @@ def test_concurrent_generation_is_safe(tmp_path):
     assert len(os.listdir(tmp_path / "hybrid_synthetic" / "train" / "images")) == 25
 
 
+def test_crowded_style_is_deterministic_and_close_to_coco_statistics(tmp_path):
+    # 150 images of the crowded style (the second embedded dataset): COCO-like counts (mean about 7, a
+    # long tail, few empty images), all three scales well represented, the 23 classes in unequal numbers.
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate_split(str(a), "val", num_images=150, style="crowded")
+    generate_split(str(b), "val", num_images=6, style="crowded")
+    first = json.loads((a / "instances.json").read_text())
+    small = json.loads((b / "instances.json").read_text())
+    assert small["annotations"] == [x for x in first["annotations"] if x["image_id"] <= 6]  # one image stream
+    assert [c["name"] for c in first["categories"]] == list(CROWDED_CLASSES) and len(CROWDED_CLASSES) >= 20
+    stats = dataset_statistics(str(a / "instances.json"))
+    assert 5.0 <= stats["objects_per_image_mean"] <= 10.0
+    assert stats["objects_per_image_max"] >= 25 and stats["images_over_20_objects"] > 0.02
+    assert stats["images_without_objects"] < 0.1
+    assert all(0.15 <= share <= 0.5 for share in stats["scale_shares"].values())
+    counts = stats["class_counts"]
+    assert counts[0] > 3 * counts[-1] > 0  # the first class is far more frequent than the last
+    sides = [max(img["width"], img["height"]) for img in first["images"]]
+    assert max(sides) <= 256  # trainable on 2 CPU cores
+    # The quickstart's style is untouched by the crowded one.
+    shapes = tmp_path / "shapes"
+    generate_split(str(shapes), "val", num_images=20)
+    assert dataset_statistics(str(shapes / "instances.json"))["objects_per_image_max"] <= 5
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +161,11 @@ def test_default_datasets_registered_on_import():
         assert meta.evaluator_type == "coco"
         assert meta.json_file.endswith(os.path.join("hybrid_synthetic", name.split("_")[-1], "instances.json"))
     assert ensure_synthetic_dataset("coco_2017_val") is None
+    assert MetadataCatalog.get("hybrid_crowded_val").thing_classes == list(CROWDED_CLASSES)
+    assert MetadataCatalog.get("hybrid_crowded_train").json_file.endswith(
+        os.path.join("hybrid_crowded", "train", "instances.json"))
+    assert MetadataCatalog.get("hybrid_synthetic_val1000").json_file.endswith(
+        os.path.join("hybrid_synthetic", "val1000", "instances.json"))
 
 
 def test_registration_generates_on_first_use(tmp_path):
