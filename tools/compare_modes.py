@@ -39,6 +39,8 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--modes", nargs="+", required=True, help="DECODER_MODE values, optionally with @KEY=VALUE")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--labels", nargs="+",
+                        help="a display name per --modes entry, same order (tables, plot); run folders keep the spec")
     parser.add_argument("--baseline", help="the mode the others are paired against (default: the first of --modes)")
     parser.add_argument("--no-shared-init", action="store_true",
                         help="do not start every mode of a seed from the baseline's initial weights")
@@ -55,7 +57,7 @@ def main(argv=None):
     return compare_modes(args.config_file, args.modes, args.seeds, args.eval_period, args.parallel, args.threads,
                          args.output, args.report_only, args.opts, baseline=args.baseline,
                          shared_init=not args.no_shared_init, step_cost_iters=args.step_cost_iters,
-                         eval_folds=args.eval_folds)
+                         eval_folds=args.eval_folds, labels=args.labels)
 
 
 if __name__ == "__main__":

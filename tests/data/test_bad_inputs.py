@@ -461,6 +461,27 @@ def test_test_dev_file_evaluates_by_writing_predictions(dataset, tmp_path):
         MetadataCatalog.remove("bad_input_test_dev")
 
 
+def test_a_broken_test_set_stops_training_before_the_first_step(dataset, tmp_path):
+    """The evaluation set is checked with the training set: a truncated val image is named when the
+    trainer is built, not at the first evaluation after the training time. A test-dev style set (no
+    'annotations') passes the same check."""
+    train, val = dataset(), dataset()
+    broken = val.image_root / "3.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    cfg = train.cfg("DATASETS.TEST", f"('{val.name}',)", "OUTPUT_DIR", tmp_path / "out")
+    with pytest.raises(ValueError, match=rf"Dataset '{val.name}', image '.*3\.jpg' \(image_id 3\)"):
+        train_net.Trainer(cfg)
+    test_dev_json = tmp_path / "test_dev_ok.json"
+    test_dev_json.write_text(json.dumps({k: v for k, v in train.coco.items() if k != "annotations"}))
+    register_coco_instances("bad_input_test_dev_ok", {}, str(test_dev_json), str(train.image_root))
+    try:
+        trainer = train_net.Trainer(train.cfg("DATASETS.TEST", "('bad_input_test_dev_ok',)", "OUTPUT_DIR", tmp_path / "out2"))
+        assert trainer.max_iter == 2
+    finally:
+        DatasetCatalog.remove("bad_input_test_dev_ok")
+        MetadataCatalog.remove("bad_input_test_dev_ok")
+
+
 def test_class_count_advice_comes_from_the_datasets_used(dataset):
     two, three = dataset(), dataset(edit=lambda c: c["categories"].append({"id": 3, "name": "c"}))
     MetadataCatalog.get(two.name).set(thing_classes=["a", "b"])

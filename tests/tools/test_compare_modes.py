@@ -172,6 +172,25 @@ def test_report_only_trains_nothing(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "compare_modes.png").is_file()
 
 
+def test_labels_name_the_modes_in_the_report_while_folders_keep_the_spec(tmp_path, monkeypatch):
+    spec = "co_detr@MODEL.HYBRID_DETR.CO_DETR.NUM_AUX_HEADS=1"
+    _write_run(tmp_path / "out" / "deformable" / "seed0", {40: 10.0}, 0.5)
+    _write_run(tmp_path / "out" / os.path.basename(os.path.dirname(compare_modes.run_dir("", spec, 0))) / "seed0",
+               {40: 12.0}, 0.5)
+    monkeypatch.setattr(compare_modes, "train_run", lambda *a: pytest.fail("--report-only must not train"))
+    summary = compare_modes.compare_modes("configs/quickstart/deformable_detr_r18_synthetic.yaml", [spec, "deformable"],
+                                          seeds=[0], report_only=True, output=str(tmp_path / "out"),
+                                          baseline="deformable", labels=["co_detr_k1", "baseline"])
+    assert [r["AP"] for r in summary["co_detr_k1"]] == [12.0] and [r["AP"] for r in summary["baseline"]] == [10.0]
+    report = (tmp_path / "out" / "compare_modes.md").read_text()
+    assert "| co_detr_k1 | 40 | 1 |" in report and "baseline `baseline`" in report and "NUM_AUX_HEADS" not in report
+    saved = json.loads((tmp_path / "out" / "compare_modes.json").read_text())
+    assert saved["modes"] == {"co_detr_k1": spec, "baseline": "deformable"}
+    with pytest.raises(ValueError, match="one per mode"):
+        compare_modes.compare_modes("configs/quickstart/deformable_detr_r18_synthetic.yaml", [spec, "deformable"],
+                                    seeds=[0], report_only=True, output=str(tmp_path / "out"), labels=["x"])
+
+
 def test_long_mode_specs_get_distinct_short_folders(tmp_path):
     spec = "co_detr" + "".join(f"@MODEL.HYBRID_DETR.CO_DETR.ROI_FC_DIM={d}" for d in range(8))
     a, b = compare_modes.run_dir(str(tmp_path), spec, 0), compare_modes.run_dir(str(tmp_path), spec + "0", 0)

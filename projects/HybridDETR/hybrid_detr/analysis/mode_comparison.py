@@ -532,12 +532,18 @@ def _step_times(cfg, modes, iters, threads, output):
 
 def compare_modes(config_file, modes, seeds=(0, 1, 2, 3, 4), eval_period=200, parallel=2, threads=1,
                   output="output/compare_modes", report_only=False, opts=(), baseline=None, shared_init=True,
-                  step_cost_iters=10, eval_folds=5):
+                  step_cost_iters=10, eval_folds=5, labels=None):
     """Trains what is missing of every (mode, seed), then writes and prints the comparison (see the
-    module docstring); returns the summary ({mode: rows})."""
+    module docstring); returns the summary ({mode: rows}). `labels`: one display name per entry of
+    `modes` (tables, plot, JSON keys; the run folders keep the spec's name), e.g. "co_dino" for a long
+    "dn+co_detr@KEY=VALUE@..." spec."""
     seeds, opts, modes = list(seeds), list(opts), list(modes)
     if len(set(modes)) != len(modes):
         raise ValueError(f"--modes must be distinct, got {modes}")
+    labels = list(modes) if labels is None else list(labels)
+    if len(labels) != len(modes) or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels must be distinct and one per mode ({len(modes)}), got {labels}")
+    name = dict(zip(modes, labels))
     baseline = modes[0] if baseline is None else baseline
     if baseline not in modes:
         raise ValueError(f"--baseline {baseline!r} is not one of --modes {modes}")
@@ -579,24 +585,26 @@ def compare_modes(config_file, modes, seeds=(0, 1, 2, 3, 4), eval_period=200, pa
         for future in futures:
             future.result()
 
-    runs = {spec: {seed: read_run(run_dir(output, spec, seed)) for seed in seeds} for spec in modes}
+    # From here on every mode goes by its display name.
+    runs = {name[spec]: {seed: read_run(run_dir(output, spec, seed)) for seed in seeds} for spec in modes}
     summary = summarize(runs)
-    paired = paired_differences(runs, baseline, max_iter)
+    paired = paired_differences(runs, name[baseline], max_iter)
     noise = {}
     for spec in modes:
         for seed in seeds:
-            if _final(runs[spec][seed], max_iter):
+            if _final(runs[name[spec]][seed], max_iter):
                 n = _run_evaluation_noise(run_dir(output, spec, seed), config_file, opts, eval_folds)
                 if n:
-                    noise[f"{spec}/seed{seed}"] = n
-    finished = all(_final(runs[spec][seed], max_iter) for spec in modes for seed in seeds)
+                    noise[f"{name[spec]}/seed{seed}"] = n
+    finished = all(_final(runs[name[spec]][seed], max_iter) for spec in modes for seed in seeds)
     step_cost = _step_times(cfg, modes, step_cost_iters if finished and not report_only else 0, threads, output)
-    step_time_s = {m: e["step_time_s_median"] for m, e in step_cost["modes"].items()} if step_cost else {}
-    tta = time_to_accuracy(runs, baseline, max_iter, step_time_s) if step_time_s else {}
+    step_time_s = {name[m]: e["step_time_s_median"] for m, e in step_cost["modes"].items()} if step_cost else {}
+    tta = time_to_accuracy(runs, name[baseline], max_iter, step_time_s) if step_time_s else {}
     pairing = {}
     if os.path.isfile(pairing_path):
         with open(pairing_path) as f:
-            pairing = json.load(f)
+            pairing = {name.get(spec, spec): entry for spec, entry in json.load(f).items()}
+    modes, baseline = [name[spec] for spec in modes], name[baseline]
 
     test_set = cfg.DATASETS.TEST[0]
     header = (
@@ -624,6 +632,7 @@ def compare_modes(config_file, modes, seeds=(0, 1, 2, 3, 4), eval_period=200, pa
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "compare_modes.json"), "w") as f:
         json.dump({"config_file": config_file, "max_iter": max_iter, "baseline": baseline, "shared_init": shared_init,
+                   "modes": {label: spec for spec, label in name.items()},
                    "runs": runs, "summary": summary, "pairing": pairing, "paired": paired, "evaluation_noise": noise,
                    "step_cost": step_cost, "time_to_accuracy": tta}, f, indent=2)
     with open(os.path.join(output, "compare_modes.md"), "w") as f:

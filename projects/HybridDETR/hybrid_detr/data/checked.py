@@ -16,10 +16,11 @@ __all__ = ["load_checked_dataset_dicts"]
 logger = logging.getLogger(__name__)
 
 
-def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, check_images=True):
+def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, check_images=True, for_training=True):
     """The dicts of a registered dataset after every check of `validation` (JSON file, records,
     image files); images without annotations are dropped when `filter_empty` (detectron2's
-    DATALOADER.FILTER_EMPTY_ANNOTATIONS). A synthetic split's files are generated first if missing."""
+    DATALOADER.FILTER_EMPTY_ANNOTATIONS). A synthetic split's files are generated first if missing.
+    `for_training` False: an evaluation set, which may be a JSON without 'annotations' (COCO test-dev)."""
     if dataset_name not in DatasetCatalog.list():
         registered = ", ".join(sorted(DatasetCatalog.list()))
         raise KeyError(f"Dataset '{dataset_name}' is not registered; registered: {registered}")
@@ -30,7 +31,7 @@ def load_checked_dataset_dicts(dataset_name, num_classes, filter_empty=True, che
         problem = None
         if comm.get_rank() == 0:
             try:
-                validate_coco_json(json_file, dataset_name)
+                validate_coco_json(json_file, dataset_name, require_annotations=for_training)
             except ValueError as e:
                 problem = str(e)
         if comm.get_world_size() > 1:

@@ -13,7 +13,7 @@ Differences from DefaultTrainer, each for a reason:
   a model whose weights are no longer finite is not checkpointed (`FiniteWeightsBeforeCheckpoint`);
 - a resume whose checkpoint (weights or optimizer state) does not fit the model stops, naming the
   tensors (`HybridCheckpointer.resume_or_load`, `check_optimizer_state`);
-- datasets and config are checked before the first step (`hybrid_detr.data.checked`,
+- training and test datasets and the config are checked before the first step (`hybrid_detr.data.checked`,
   `engine.checks`), MODEL.DEVICE before the model is built;
 - SOLVER.STEPS at or beyond MAX_ITER are ignored with a warning (detectron2 ignores those beyond it);
 - during the first writer period, losses and ETA are also written every `EARLY_WRITE_SECONDS`.
@@ -83,6 +83,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        self.check_test_datasets(cfg)
         self.seed = data_loader.batch_sampler.seed
         ddp = create_ddp_model(model, broadcast_buffers=False)
         guarded = NonFiniteLossGuard(ddp, lambda: self.iter)
@@ -248,6 +249,16 @@ class Trainer(DefaultTrainer):
                 load_checked_dataset_dicts(name, num_classes, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
             )
         return list(itertools.chain.from_iterable(datasets))
+
+    @classmethod
+    def check_test_datasets(cls, cfg):
+        """Every DATASETS.TEST set checked as the training sets are (JSON, records, image files) before
+        the first step: a broken evaluation set would otherwise stop the run at its first evaluation,
+        after the training time it took. Images without objects stay (they count in evaluation)."""
+        for name in cfg.DATASETS.TEST:
+            load_checked_dataset_dicts(
+                name, cfg.MODEL.HYBRID_DETR.NUM_CLASSES, filter_empty=False, for_training=False
+            )
 
     @classmethod
     def build_train_loader(cls, cfg):
