@@ -7,6 +7,7 @@ converter, same images, max |difference| of the last decoder layer's logits and 
     PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_detr
     PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_dino
     python tools/compare_official.py --official-src /path/to/DINO dino --scales 4 [--inputs single batch coco]
+    python tools/compare_official.py --official-src /path/to/DINO dino_swin_l --scales 5 [--inputs single batch]
 
 The official model is built from its own source tree (given by path, never copied here), with its
 CUDA op replaced by its own pure-PyTorch `ms_deform_attn_core_pytorch`; small import-time shims
@@ -47,6 +48,10 @@ padded batch (`batch`) and one COCO-sized image, 800 x 1066 (`coco`); free-runni
 ranked by the official encoder scores, as for the mixed-selection models above. The 11 non-COCO slots
 of the official encoder class head are set to never win its max over classes before the conversion
 (`hybrid_detr.analysis.dino_comparison` says why).
+
+dino_swin_l: DINO Swin-L (`config/DINO/DINO_4scale_swin.py`; 5 scales: with DINO_5scale.py's levels), the same
+comparison with the official Swin (from the installed timm's layers) against `configs/coco/dino_swin_l_{4,5}scale_12ep.yaml`,
+by default on `single` and `batch` only (Swin-L on an 800 x 1066 image is slow on a CPU; `--inputs coco` adds it).
 """
 import argparse
 import os
@@ -69,22 +74,25 @@ def main(argv=None):
     parser.add_argument("--official-src", required=True, help="a checkout of the official repository")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr", "dino", "co_dino"])
+    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr", "dino", "dino_swin_l", "co_dino"])
     parser.add_argument(
         "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr, co_detr: their release)"
     )
-    parser.add_argument("--scales", type=int, choices=[4, 5], default=4, help="dino only: the 4- or 5-scale model")
+    parser.add_argument("--scales", type=int, choices=[4, 5], default=4, help="dino, dino_swin_l: the 4- or 5-scale model")
     parser.add_argument(
         "--inputs", nargs="+", choices=["single", "batch", "coco"], default=None,
-        help="dino, co_dino, dac_detr, co_detr: images one at a time, as a padded batch, one 800 x 1066 image "
-        "(default: all three for dino and co_dino, single for dac_detr and co_detr)",
+        help="dino, dino_swin_l, co_dino, dac_detr, co_detr: images one at a time, as a padded batch, one 800 x 1066 "
+        "image (default: all three for dino and co_dino, single and batch for dino_swin_l, single for dac_detr and co_detr)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.model in ("dino", "co_dino"):
-        inputs = tuple(args.inputs or ("single", "batch", "coco"))
-        if args.model == "dino":
-            lines, ok = dino_verdict(compare_dino(args.official_src, args.scales, args.seed, inputs), args.tolerance)
+    if args.model in ("dino", "dino_swin_l", "co_dino"):
+        default = ("single", "batch") if args.model == "dino_swin_l" else ("single", "batch", "coco")
+        inputs = tuple(args.inputs or default)
+        if args.model in ("dino", "dino_swin_l"):
+            backbone = "swin" if args.model == "dino_swin_l" else "resnet"
+            result = compare_dino(args.official_src, args.scales, args.seed, inputs, backbone=backbone)
+            lines, ok = dino_verdict(result, args.tolerance)
         else:
             lines, ok = co_dino_verdict(compare_co_dino(args.official_src, args.seed, inputs), args.tolerance)
         print("\n".join(lines))

@@ -23,15 +23,19 @@ from official_keys_dac_co_detr import dac_detr_keys
 IDS = torch.as_tensor(COCO_THING_IDS)
 
 
-def dino_keys(scales=4, d=256, ffn=2048, layers=6, queries=900, classes=91) -> List[Tuple[str, Shape]]:
+def dino_keys(
+    scales=4, d=256, ffn=2048, layers=6, queries=900, classes=91, backbone=None, stage_channels=(256, 512, 1024, 2048)
+) -> List[Tuple[str, Shape]]:
     """models/dino/dino.py DINO (+ deformable_transformer.py DeformableTransformer, backbone.py),
-    R-50, two_stage_type 'standard', shared decoder heads, separate encoder heads, embed_init_tgt."""
-    keys = torchvision_resnet50("backbone.0.body.")  # IntermediateLayerGetter keeps layer1..layer4
-    channels = (256, 512, 1024, 2048)[4 - (scales - 1):]  # return_interm_indices [1,2,3] or [0,1,2,3]
+    R-50, two_stage_type 'standard', shared decoder heads, separate encoder heads, embed_init_tgt.
+    Another backbone: its keys (`backbone`) and the channels of its four stages."""
+    # R-50: IntermediateLayerGetter keeps layer1..layer4.
+    keys = list(backbone) if backbone is not None else torchvision_resnet50("backbone.0.body.")
+    channels = tuple(stage_channels)[4 - (scales - 1):]  # return_interm_indices [1,2,3] or [0,1,2,3]
     for i, c in enumerate(channels):
         keys += [(f"input_proj.{i}.0.weight", (d, c, 1, 1)), (f"input_proj.{i}.0.bias", (d,))] + _norm(f"input_proj.{i}.1", d)
-    extra = len(channels)  # dino.py:106-110: one 3x3 stride-2 conv on C5
-    keys += [(f"input_proj.{extra}.0.weight", (d, 2048, 3, 3)), (f"input_proj.{extra}.0.bias", (d,))] + _norm(f"input_proj.{extra}.1", d)
+    extra = len(channels)  # dino.py:106-110: one 3x3 stride-2 conv on the last stage
+    keys += [(f"input_proj.{extra}.0.weight", (d, channels[-1], 3, 3)), (f"input_proj.{extra}.0.bias", (d,))] + _norm(f"input_proj.{extra}.1", d)
     # Heads first (the decoder's aliases below copy them): dino.py:141-152, one module per list.
     for i in range(layers):
         keys += _mlp(f"bbox_embed.{i}", d, 4)

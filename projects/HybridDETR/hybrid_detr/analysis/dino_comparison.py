@@ -1,15 +1,19 @@
-"""HybridDETR's DINO against the official DINO R-50 (IDEA-Research/DINO) on the CPU.
+"""HybridDETR's DINO against the official DINO (IDEA-Research/DINO), R-50 or Swin-L, on the CPU.
 
 The official model is built from its own source tree (`src`, put on sys.path; nothing of it copied
-here) from its config files (`config/DINO/coco_transformer.py` + `DINO_{4,5}scale.py`, read with
-runpy) and the released script's options (scripts/DINO_train_dist.sh: `dn_scalar=100
-embed_init_tgt=TRUE dn_label_coef=1.0 dn_bbox_coef=1.0 use_ema=False dn_box_noise_scale=1.0`), with
-import-time stand-ins applied here: timm (imported by its Swin / ConvNeXt modules, never built for
-R-50) stubbed, its compiled `MultiScaleDeformableAttention` stubbed and the op routed to its own
-pure-PyTorch `ms_deform_attn_core_pytorch`, `is_main_process` patched so that torchvision downloads
-no ImageNet weights. Every parameter and buffer is then drawn at random (seeded,
-`official_comparison.randomize_`), the state dict converted by the `dino` converter and loaded
-strictly into ours, and both run in float32 on the same inputs:
+here) from its config files, read with runpy: `config/DINO/coco_transformer.py` + `DINO_{4,5}scale.py`
+(R-50) or + `DINO_4scale_swin.py` (Swin-L; 5 scales: with DINO_5scale.py's `return_interm_indices` and
+`num_feature_levels`, the repository having no 5-scale Swin config), and the released scripts' options
+(scripts/DINO_train_dist.sh, DINO_train_submitit_swin.sh: `dn_scalar=100 embed_init_tgt=TRUE
+dn_label_coef=1.0 dn_bbox_coef=1.0 use_ema=False dn_box_noise_scale=1.0`). Import-time stand-ins
+applied here: timm stubbed for R-50 (imported by the Swin / ConvNeXt modules, not built then; the Swin
+takes timm's DropPath, to_2tuple and trunc_normal_ from the installed timm), its compiled
+`MultiScaleDeformableAttention` stubbed and the op routed to its own pure-PyTorch
+`ms_deform_attn_core_pytorch`, `is_main_process` patched so that torchvision downloads no ImageNet
+weights. The Swin is built with `use_checkpoint` False: gradient checkpointing recomputes activations
+in the backward pass and changes no output. Every parameter and buffer is then drawn at random (seeded,
+`official_comparison.randomize_`), the state dict converted by the `dino` / `dino_swin_l` converter and
+loaded strictly into ours, and both run in float32 on the same inputs:
 
 - `single`: two images of different sizes, one at a time;
 - `batch`: the same two images as one padded batch (the official top-k ranks padding tokens with
@@ -49,6 +53,7 @@ from detectron2.modeling import build_model
 from ..config import load_config
 from ..converters import CONVERTERS
 from ..converters.common import COCO_THING_IDS
+from ..converters.dino import CONVERTER_BY_BACKBONE
 from ..model_zoo import get_config_file
 from ..modeling.modes import DECODER_MODES
 from .official_comparison import PIXEL_MEAN, PIXEL_STD, fixed_images, randomize_
@@ -60,16 +65,29 @@ SCRIPT_OPTIONS = dict(
     dn_scalar=100, embed_init_tgt=True, dn_label_coef=1.0, dn_bbox_coef=1.0, use_ema=False, dn_box_noise_scale=1.0
 )
 UNUSED_SLOT_BIAS = -100.0
+BACKBONES = ("resnet", "swin")
+# What makes a 4-scale DINO a 5-scale one (DINO_5scale.py vs DINO_4scale.py, the batch size aside).
+_FIVE_SCALE_KEYS = ("return_interm_indices", "num_feature_levels")
 
 
-def official_dino_args(src: str, scales: int) -> argparse.Namespace:
-    """The official `args` of DINO R-50 with `scales` (4 or 5) feature levels: its config files
-    (`_base_` first) plus the released script's options, on the CPU."""
-    if scales not in (4, 5):
-        raise ValueError(f"DINO R-50 comes with 4 or 5 scales, not {scales}")
-    values: Dict = {}
-    for name in ("coco_transformer.py", f"DINO_{scales}scale.py"):
-        values.update({k: v for k, v in runpy.run_path(os.path.join(src, "config", "DINO", name)).items() if not k.startswith("_")})
+def _config_values(src: str, name: str) -> Dict:
+    return {k: v for k, v in runpy.run_path(os.path.join(src, "config", "DINO", name)).items() if not k.startswith("_")}
+
+
+def official_dino_args(src: str, scales: int, backbone: str = "resnet") -> argparse.Namespace:
+    """The official `args` of DINO R-50 (`backbone` "resnet") or Swin-L ("swin") with `scales` (4 or 5)
+    feature levels: its config files (`_base_` first) plus the released scripts' options, on the CPU."""
+    if scales not in (4, 5) or backbone not in BACKBONES:
+        raise ValueError(f"DINO comes with backbone {BACKBONES} and 4 or 5 scales, not {backbone!r} / {scales}")
+    values = _config_values(src, "coco_transformer.py")
+    if backbone == "resnet":
+        values.update(_config_values(src, f"DINO_{scales}scale.py"))
+    else:
+        values.update(_config_values(src, "DINO_4scale_swin.py"))
+        if scales == 5:
+            five = _config_values(src, "DINO_5scale.py")
+            values.update({k: five[k] for k in _FIVE_SCALE_KEYS})
+        values.update(use_checkpoint=False)  # backward-only recomputation (see the module docstring)
     values.update(SCRIPT_OPTIONS)
     values.update(device="cpu", dataset_file="coco")
     return argparse.Namespace(**values)
@@ -91,8 +109,10 @@ def _stub_timm():
             sys.modules[name] = module
 
 
-def _import_official_dino(src: str):
+def _import_official_dino(src: str, backbone: str = "resnet"):
     sys.path.insert(0, os.path.abspath(src))
+    if backbone == "swin":
+        import timm.models.layers  # noqa: F401  (the real one: the Swin is built from it; the stub then stays out)
     _stub_timm()
     sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
     import models.dino.backbone as official_backbone
@@ -109,9 +129,9 @@ def _import_official_dino(src: str):
     return build_dino
 
 
-def build_official_dino(src: str, scales: int):
-    build_dino = _import_official_dino(src)
-    model, _, _ = build_dino(official_dino_args(src, scales))
+def build_official_dino(src: str, scales: int, backbone: str = "resnet"):
+    build_dino = _import_official_dino(src, backbone)
+    model, _, _ = build_dino(official_dino_args(src, scales, backbone))
     return model.eval()
 
 
@@ -124,12 +144,12 @@ def silence_unused_slots_(official):
     head.bias[unused] = UNUSED_SLOT_BIAS
 
 
-def _build_pair(src: str, scales: int, seed: int):
+def _build_pair(src: str, scales: int, seed: int, backbone: str):
     torch.manual_seed(seed)
-    official = build_official_dino(src, scales)
+    official = build_official_dino(src, scales, backbone)
     randomize_(official, seed)
     silence_unused_slots_(official)
-    conversion = CONVERTERS["dino"](official.state_dict())
+    conversion = CONVERTERS[CONVERTER_BY_BACKBONE[backbone]](official.state_dict())
     opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
     state_dict = dict(conversion.state_dict)
     cfg = load_config(get_config_file(conversion.config_name), opts)
@@ -214,17 +234,25 @@ def coco_like_image(seed: int, size=(800, 1066)) -> torch.Tensor:
     return torch.rand(3, *size, generator=g) * 255
 
 
-def compare_dino(src: str, scales: int = 4, seed: int = 0, inputs=("single", "batch", "coco"), coco_size=(800, 1066)):
-    """{input name: figures (see the module docstring)} plus "config" and "stand_in" (whether ours
-    ran with DECODER_MODE "deformable" for want of "dn")."""
-    official, ours, conversion, stand_in = _build_pair(src, scales, seed)
+def compare_dino(
+    src: str, scales: int = 4, seed: int = 0, inputs=("single", "batch", "coco"), coco_size=(800, 1066), backbone: str = "resnet"
+):
+    """{input name: figures (see the module docstring)} plus "config", "converter" and "stand_in" (whether
+    ours ran with DECODER_MODE "deformable" for want of "dn")."""
+    official, ours, conversion, stand_in = _build_pair(src, scales, seed, backbone)
     images = fixed_images(seed + 1)
     runs: Dict[str, List[List[torch.Tensor]]] = {
         "single": [[im] for im in images],
         "batch": [images],
         "coco": [[coco_like_image(seed + 2, coco_size)]],
     }
-    result = {"config": conversion.config_name, "stand_in": stand_in, "scales": scales, "seed": seed}
+    result = {
+        "config": conversion.config_name,
+        "converter": CONVERTER_BY_BACKBONE[backbone],
+        "stand_in": stand_in,
+        "scales": scales,
+        "seed": seed,
+    }
     for name in inputs:
         figures = [_compare_inputs(official, ours, batch) for batch in runs[name]]
         result[name] = {
@@ -248,7 +276,7 @@ def dino_verdict(result, tolerance=1e-4):
         )
         ok_all &= ok
         lines.append(
-            f"dino {result['scales']}-scale seed {result['seed']} {name}: logits {r['logits']:.3g} (up to {r['logit_scale']:.3g}), "
+            f"{result.get('converter', 'dino')} {result['scales']}-scale seed {result['seed']} {name}: logits {r['logits']:.3g} (up to {r['logit_scale']:.3g}), "
             f"boxes {r['boxes']:.3g}; official top-k order: logits {r['pinned_logits']:.3g}, boxes {r['pinned_boxes']:.3g}; "
             f"encoder logits {r['encoder_logits']:.3g}; {r['swaps']} top-k swaps (score gap <= {r['swap_gap']:.3g}); "
             f"{'OK' if ok else 'FAIL'}"

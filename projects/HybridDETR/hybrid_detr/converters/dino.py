@@ -1,10 +1,26 @@
-"""Official DINO R-50 checkpoints (IDEA-Research/DINO, `config/DINO/DINO_4scale.py` and
-`DINO_5scale.py`, 12 / 24 / 36 epochs) -> HybridDETR with DECODER_MODE "dn".
+"""Official DINO checkpoints (IDEA-Research/DINO) -> HybridDETR with DECODER_MODE "dn", two converters:
+
+- "dino": R-50, `config/DINO/DINO_4scale.py` and `DINO_5scale.py` (12 / 24 / 36 epochs)
+  -> `configs/coco/dino_r50_{4,5}scale_12ep.yaml`;
+- "dino_swin_l": Swin-L (`backbone = 'swin_L_384_22k'`), `config/DINO/DINO_4scale_swin.py`, and the 5-scale
+  Swin-L of the README's tables, for which the repository has no config file: DINO_4scale_swin.py with the
+  two lines by which DINO_5scale.py differs from DINO_4scale.py besides the batch (return_interm_indices
+  [0, 1, 2, 3], num_feature_levels 5) -> `configs/coco/dino_swin_l_{4,5}scale_12ep.yaml`.
+
+Both run `convert_dino(official, backbone)`: only the backbone differs; the input projections, the
+transformer, the heads and the denoising label book are converted the same way.
 
 Key names as in the official model definition (`models/dino/dino.py` `DINO`,
-`deformable_transformer.py`, `backbone.py`), read from a model built from it:
+`deformable_transformer.py`, `backbone.py`, `swin_transformer.py`), read from a model built from it:
 
-- `backbone.0.body.*`: torchvision's ResNet-50 (FrozenBatchNorm2d, no num_batches_tracked) -> detectron2's;
+- R-50: `backbone.0.body.*`: torchvision's ResNet-50 (FrozenBatchNorm2d, no num_batches_tracked) -> detectron2's;
+- Swin-L: `backbone.0.*` is the Swin itself (backbone.py:174-177 builds `SwinTransformer`, :216 the Joiner
+  holds it as its module 0, no `body`): Swin v1's layout (`patch_embed.proj` / `norm`, `layers.i.blocks.j.*`
+  with their `relative_position_index` buffers, `layers.i.downsample.*` for i < 3: all four stages are built
+  whatever the outputs) plus one LayerNorm `norm{i}` per output stage i in `return_interm_indices`
+  (swin_transformer.py:549-553: norm1-norm3 for 4 scales, norm0-norm3 for 5), no final norm, no head
+  -> our Swin backbone (`converters/swin.py` `convert_detector_swin`). The stages with a `norm{i}` must be the
+  last ones, one per 1x1 input projection (the levels the neck takes from the backbone);
 - `input_proj.{0..L-1}`: 1x1 conv + GN per backbone level (C3-C5, or C2-C5 for 5 scales), then one
   3x3 stride-2 conv + GN on C5 -> `neck.input_proj.*` / `neck.extra_proj.0`;
 - `transformer.level_embed`, `transformer.encoder.layers.*`, `transformer.decoder.layers.*`: the
@@ -29,7 +45,7 @@ proposals by the max over all 91 slots (deformable_transformer.py:342); the 11 s
 COCO class are dropped here, so ours ranks by the max over the 80 (the same ranking wherever the
 dropped slots, never a positive target in training, score below the best real class).
 """
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -43,13 +59,26 @@ from .common import (
 )
 from .deformable_detr import _layer_count, convert_neck_and_transformer_layers
 from .kinds import describe_kind
+from .swin import convert_detector_swin, swin_layout
 
-__all__ = ["convert_dino", "CONFIGS"]
+__all__ = ["convert_dino", "convert_dino_swin_l", "CONFIGS", "CONVERTER_BY_BACKBONE"]
 
-CONFIGS = {
-    4: ("coco/dino_r50_4scale_12ep.yaml", "DINO R-50, 4 scales (config/DINO/DINO_4scale.py)"),
-    5: ("coco/dino_r50_5scale_12ep.yaml", "DINO R-50, 5 scales (config/DINO/DINO_5scale.py)"),
+CONFIGS = {  # backbone -> number of feature levels -> (config, description)
+    "resnet": {
+        4: ("coco/dino_r50_4scale_12ep.yaml", "DINO R-50, 4 scales (config/DINO/DINO_4scale.py)"),
+        5: ("coco/dino_r50_5scale_12ep.yaml", "DINO R-50, 5 scales (config/DINO/DINO_5scale.py)"),
+    },
+    "swin": {
+        4: ("coco/dino_swin_l_4scale_12ep.yaml", "DINO Swin-L, 4 scales (config/DINO/DINO_4scale_swin.py)"),
+        5: (
+            "coco/dino_swin_l_5scale_12ep.yaml",
+            "DINO Swin-L, 5 scales (config/DINO/DINO_4scale_swin.py with return_interm_indices [0, 1, 2, 3])",
+        ),
+    },
 }
+CONVERTER_BY_BACKBONE = {"resnet": "dino", "swin": "dino_swin_l"}
+_BACKBONE_NAME = {"resnet": "R-50", "swin": "Swin-L"}
+_SWIN_PREFIX = "backbone.0."  # DINO's Swin is the Joiner's module 0 itself
 # Keys only a DINO checkpoint has (with a two-stage "standard" DINO's encoder heads).
 _MARKERS = (
     "transformer.decoder.ref_point_head.layers.0.weight",
@@ -68,21 +97,46 @@ _DECODER_EXTRAS = {
 }
 
 
+def _convert_backbone(reader: StateDictReader, out: Dict[str, torch.Tensor], backbone: str, num_backbone_levels: int) -> List[str]:
+    """The official `backbone.0.*` -> `out["backbone.*"]`, every tensor marked used; returns notes. A
+    checkpoint with the other backbone is refused naming the converter it needs."""
+    official = reader.state_dict
+    layout = swin_layout(official, _SWIN_PREFIX)
+    if backbone == "resnet":
+        if layout is not None:
+            raise ConversionError(
+                f"dino checkpoint with a Swin backbone ({_SWIN_PREFIX}patch_embed.*, {_SWIN_PREFIX}layers.*: "
+                "DINO_4scale_swin.py): convert it with the dino_swin_l converter"
+            )
+        convert_torchvision_backbone(reader, out, " (a ConvNeXt DINO is not supported)")
+        return []
+    if layout != "swin_v1":
+        found = (
+            "a torchvision ResNet (backbone.0.body.*): convert it with the dino converter"
+            if any(k.startswith("backbone.0.body.") for k in official)
+            else f"{describe_kind(official)}, backbone keys e.g. {sorted(k for k in official if k.startswith('backbone.'))[:3]}"
+        )
+        raise ConversionError(
+            f"dino_swin_l checkpoint: expected DINO's Swin under {_SWIN_PREFIX!r} ({_SWIN_PREFIX}patch_embed.proj.*, "
+            f"{_SWIN_PREFIX}layers.*, {_SWIN_PREFIX}norm<i>.*), found {found}"
+        )
+    return convert_detector_swin(reader, _SWIN_PREFIX, out, num_backbone_levels)
+
+
 @register_converter("dino")
-def convert_dino(official: Dict[str, torch.Tensor]) -> Conversion:
-    """An official DINO R-50 (4 or 5 scales) state dict -> HybridDETR's DINO (detectron2 ResNet, 80 classes)."""
+def convert_dino(official: Dict[str, torch.Tensor], backbone: str = "resnet") -> Conversion:
+    """An official DINO R-50 (4 or 5 scales) state dict -> HybridDETR's DINO (detectron2 ResNet, 80 classes).
+    `backbone` "swin": an official DINO Swin-L (what the dino_swin_l converter runs)."""
+    if backbone not in CONFIGS:
+        raise ValueError(f"backbone {backbone!r}: choose from {sorted(CONFIGS)}")
     missing = [k for k in _MARKERS if k not in official]
     if missing:
         raise ConversionError(
             f"expected an official DINO checkpoint (IDEA-Research/DINO: {', '.join(_MARKERS)}), found "
             f"{describe_kind(official)}: {', '.join(missing)} missing"
         )
-    reader = StateDictReader(official, "dino")
+    reader = StateDictReader(official, CONVERTER_BY_BACKBONE[backbone])
     out: Dict[str, torch.Tensor] = {}
-    notes = []
-
-    # Backbone: torchvision ResNet-50 -> detectron2 ResNet (FrozenBN buffers included).
-    convert_torchvision_backbone(reader, out, " (a Swin or ConvNeXt DINO?)")
 
     # Input projections: 1x1 convs on the backbone levels, then 3x3 stride-2 convs (extra levels).
     num_levels = _layer_count(reader, "input_proj.")
@@ -90,8 +144,14 @@ def convert_dino(official: Dict[str, torch.Tensor]) -> Conversion:
     num_backbone_levels = sum(1 for k in kernels if k == (1, 1))
     if kernels != [(1, 1)] * num_backbone_levels + [(3, 3)] * (num_levels - num_backbone_levels):
         raise ConversionError(f"dino checkpoint: input projections with kernels {kernels}, expected 1x1 convs then 3x3 ones")
-    if num_levels not in CONFIGS:
-        raise ConversionError(f"dino checkpoint with {num_levels} feature levels: the released R-50 models have 4 or 5")
+    configs = CONFIGS[backbone]
+    if num_levels not in configs:
+        raise ConversionError(
+            f"{reader.model} checkpoint with {num_levels} feature levels: the released {_BACKBONE_NAME[backbone]} "
+            "models have 4 or 5"
+        )
+    # Backbone: after the projections, which tell how many of its levels the neck takes.
+    notes = _convert_backbone(reader, out, backbone, num_backbone_levels)
     convert_neck_and_transformer_layers(reader, out, num_levels, num_backbone_levels)
     num_decoder_layers = _layer_count(reader, "transformer.decoder.layers.")
     for source, target in {**_DECODER_EXTRAS, **_ENCODER_PROPOSALS}.items():
@@ -146,5 +206,11 @@ def convert_dino(official: Dict[str, torch.Tensor]) -> Conversion:
     notes.append("label_enc (denoising label embedding) -> main_passes.dn.label_embedding: 80 classes + the unused last row")
 
     reader.check_all_used()
-    config_file, description = CONFIGS[num_levels]
+    config_file, description = configs[num_levels]
     return Conversion({k: v.detach().clone() for k, v in out.items()}, config_file, description, notes)
+
+
+@register_converter("dino_swin_l")
+def convert_dino_swin_l(official: Dict[str, torch.Tensor]) -> Conversion:
+    """An official DINO Swin-L (4 or 5 scales) state dict -> HybridDETR's DINO with the Swin-L backbone (80 classes)."""
+    return convert_dino(official, backbone="swin")

@@ -19,8 +19,11 @@ def describe_kind(state_dict: Dict[str, torch.Tensor]) -> str:
         return "an mmdet checkpoint of another detector (neck.* / *_head.* keys, no query_head.*)"
     if "transformer.level_embed" in keys:
         if "transformer.decoder.ref_point_head.layers.0.weight" in keys:
+            from .swin import swin_layout  # noqa: E402  (swin.py imports this module)
+
             levels = {k.split(".")[1] for k in keys if k.startswith("input_proj.")}
-            return f"a DINO checkpoint ({len(levels)} scales)"
+            swin = ", Swin backbone" if swin_layout(state_dict, "backbone.0.") else ""
+            return f"a DINO checkpoint ({len(levels)} scales{swin})"
         if "label_enc.weight" in keys:
             return "a DAC-DETR (DINO-style, CDN label_enc) checkpoint"
         two_stage = "transformer.enc_output.weight" in keys

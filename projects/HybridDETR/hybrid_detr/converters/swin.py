@@ -23,7 +23,8 @@ absolute position embedding (`ape=True`, used by none of the papers' models) is 
 
 writes the backbone alone as a detectron2 checkpoint (for MODEL.WEIGHTS: the other weights start afresh, as
 with detectron2's ImageNet ResNets). The registered converter "co_dino_swin_l" converts the Co-DINO Swin-L
-release (`co_dino_5scale_swin_large_1x_coco.pth`) into `configs/coco/co_dino_swin_l_12ep_query_head.yaml`.
+release (`co_dino_5scale_swin_large_1x_coco.pth`) into `configs/coco/co_dino_swin_l_12ep_query_head.yaml`;
+"dino_swin_l" (`converters/dino.py`) the DINO Swin-L releases, whose Swin sits under `backbone.0.`.
 """
 import argparse
 import re
@@ -35,7 +36,15 @@ import torch
 from .common import Conversion, ConversionError, StateDictReader, load_official_checkpoint, register_converter
 from .kinds import describe_kind
 
-__all__ = ["SWIN_LAYOUTS", "swin_layout", "convert_swin_backbone", "convert_co_dino_swin_l", "convert_swin_backbone_file"]
+__all__ = [
+    "SWIN_LAYOUTS",
+    "swin_layout",
+    "swin_output_stages",
+    "convert_swin_backbone",
+    "convert_detector_swin",
+    "convert_co_dino_swin_l",
+    "convert_swin_backbone_file",
+]
 
 SWIN_LAYOUTS = ("swin_v1", "mmdet")
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
@@ -74,6 +83,13 @@ def swin_layout(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> Option
     ):
         return "swin_v1"
     return None
+
+
+def swin_output_stages(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> List[int]:
+    """The stages i, ascending, that have an output norm `norm{i}` under `prefix` (a detection Swin has one
+    per output stage: its `out_indices`)."""
+    pattern = re.compile(re.escape(prefix) + r"norm(\d+)\.(weight|bias)")
+    return sorted({int(m.group(1)) for m in map(pattern.fullmatch, state_dict) if m})
 
 
 def _unfold_to_concat_order(value: torch.Tensor) -> torch.Tensor:
@@ -146,6 +162,28 @@ def convert_swin_backbone(
         + "; relative_position_index / attn_mask buffers recomputed by the model"
     )
     return notes
+
+
+def convert_detector_swin(reader: StateDictReader, prefix: str, out: Dict[str, torch.Tensor], num_levels: int) -> List[str]:
+    """A detector's Swin v1 under `prefix` (DINO: `backbone.0.`; DAC-DETR's release: `backbone.0.body.`, the same
+    layout) whose last `num_levels` stages feed the neck -> `out["backbone.*"]`, as `convert_swin_backbone`.
+    Such a Swin has one output norm per fed stage, `norm{4 - num_levels}`..`norm3`, and no classifier's final
+    norm or head, which `convert_swin_backbone` would drop: here they would be another model's weights, refused."""
+    classifier = [k for k in reader.keys_with_prefix(prefix) if k[len(prefix):].split(".")[0] in ("norm", "head")]
+    if classifier:
+        raise ConversionError(
+            f"{reader.model} checkpoint: {', '.join(classifier[:3])} belong to a classification Swin's final norm / "
+            "head, which a detector's Swin does not have"
+        )
+    stages = swin_output_stages(reader.state_dict, prefix)
+    expected = list(range(4 - num_levels, 4))
+    if stages != expected:
+        raise ConversionError(
+            f"{reader.model} checkpoint: its Swin has the output norms {[f'norm{i}' for i in stages]} for {num_levels} "
+            f"backbone levels (1x1 input projections); it needs one norm per stage that feeds the neck, the last "
+            f"{num_levels}: {[f'norm{i}' for i in expected]} (out_indices / return_interm_indices {expected})"
+        )
+    return convert_swin_backbone(reader, prefix, out)
 
 
 # ---- Co-DINO Swin-L (Co-DETR release) ---------------------------------------------------------------
