@@ -4,6 +4,7 @@ converter, same images, max |difference| of the last decoder layer's logits and 
 
     python tools/compare_official.py --official-src /path/to/Deformable-DETR deformable_detr --variant two_stage
     python tools/compare_official.py --official-src /path/to/DAC-DETR dac_detr
+    python tools/compare_official.py --official-src /path/to/DAC-DETR dac_detr_swin_l [--inputs single batch]
     PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_detr
     PYTHONPATH=/path/to/mmcv-1.7.0-python python tools/compare_official.py --official-src /path/to/Co-DETR co_dino
     python tools/compare_official.py --official-src /path/to/DINO dino --scales 4 [--inputs single batch coco]
@@ -20,8 +21,14 @@ detectron2's 80 classes. Prints one line per compared tensor and exits 1 above -
 dac_detr: the DAC-DETR release's model (`configs/r50_deformplus_cdn_ice_ep12.sh`: two-stage + box
 refinement, FFN 2048, dropout 0, 900 queries, mixed selection, look-forward-twice, CDN's label
 embedding), in eval mode; its one-to-one `pred_logits` / `pred_boxes` against our DAC model's
-`raw_predictions`. Its Swin backbone module (which imports timm / mmcv / mmdet) is replaced at import
-time by a stub (the R-50 model does not use it).
+`raw_predictions`. Its Swin module imports mmcv_custom's `load_checkpoint` and mmdet's `get_root_logger`
+(for ImageNet weights only): both are stubbed at import time; the Swin takes its layers from the installed timm.
+
+dac_detr_swin_l: the DAC-DETR Swin-L release (`configs/swin_deformplus_cdn_ice_ep12.sh`: the same model with
+`--backbone swin_large_window12`), its official Swin built without ImageNet weights and with gradient
+checkpointing off (it recomputes activations in the backward pass only), against
+`configs/coco/dac_dino_swin_l_12ep_release.yaml`; by default on `single` and `batch` (`--inputs coco` adds the
+COCO-sized image, slow on a CPU).
 
 co_detr: Co-DETR's Co-Deformable-DETR R-50 (`projects/configs/co_deformable_detr/
 co_deformable_detr_r50_1x_coco.py`), built with mmdet 2.x from `--official-src` (a full Co-DETR
@@ -32,7 +39,7 @@ mmcv's MultiScaleDeformableAttention runs its own pure-PyTorch core on the CPU; 
 einops and mmcv_custom (Swin / ViT backbones only) are stubbed too. Its query head's last-layer
 `all_cls_scores` / `all_bbox_preds` (80 classes) against our `raw_predictions`; every weight of
 the whole detector (aux heads included) drawn at random, the aux heads dropped by the converter.
-dac_detr and co_detr are compared on `--inputs` (default: `single`, two images one at a time; `batch`, the
+dac_detr(_swin_l) and co_detr are compared on `--inputs` (default: `single`, two images one at a time; `batch`, the
 same two as one padded batch; `coco`, one 800 x 1066 image), free-running and with our top-k ranked by the
 official encoder scores.
 
@@ -74,15 +81,18 @@ def main(argv=None):
     parser.add_argument("--official-src", required=True, help="a checkout of the official repository")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("model", choices=["deformable_detr", "dac_detr", "co_detr", "dino", "dino_swin_l", "co_dino"])
+    parser.add_argument(
+        "model", choices=["deformable_detr", "dac_detr", "dac_detr_swin_l", "co_detr", "dino", "dino_swin_l", "co_dino"]
+    )
     parser.add_argument(
         "--variant", choices=["plain", "refine", "two_stage"], default="plain", help="deformable_detr only (dac_detr, co_detr: their release)"
     )
     parser.add_argument("--scales", type=int, choices=[4, 5], default=4, help="dino, dino_swin_l: the 4- or 5-scale model")
     parser.add_argument(
         "--inputs", nargs="+", choices=["single", "batch", "coco"], default=None,
-        help="dino, dino_swin_l, co_dino, dac_detr, co_detr: images one at a time, as a padded batch, one 800 x 1066 "
-        "image (default: all three for dino and co_dino, single and batch for dino_swin_l, single for dac_detr and co_detr)",
+        help="dino, dino_swin_l, co_dino, dac_detr, dac_detr_swin_l, co_detr: images one at a time, as a padded batch, "
+        "one 800 x 1066 image (default: all three for dino and co_dino, single and batch for dino_swin_l and "
+        "dac_detr_swin_l, single for dac_detr and co_detr)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -97,7 +107,8 @@ def main(argv=None):
             lines, ok = co_dino_verdict(compare_co_dino(args.official_src, args.seed, inputs), args.tolerance)
         print("\n".join(lines))
         return 0 if ok else 1
-    result = compare_official(args.model, args.official_src, args.variant, args.seed, tuple(args.inputs or ("single",)))
+    default = ("single", "batch") if args.model == "dac_detr_swin_l" else ("single",)
+    result = compare_official(args.model, args.official_src, args.variant, args.seed, tuple(args.inputs or default))
     line, ok = verdict(args.model, args.variant, result, args.tolerance)
     print(line)
     return 0 if ok else 1

@@ -240,6 +240,18 @@ def test_training_writes_checkpoint_metrics_and_events(trained):
 
 
 @pytest.mark.slow
+def test_an_evaluation_at_a_checkpoint_iteration_is_in_metrics_json(tiny, tmp_path):
+    """EVAL_PERIOD = CHECKPOINT_PERIOD: the evaluation after iteration 2 is written with the checkpoint
+    (the checkpointer flushes the writers, which never go back to an iteration they wrote)."""
+    output_dir = tmp_path / "eval_at_checkpoint"
+    train_net.main(parse_args("--config-file", tiny.config, "OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", 4,
+                              "SOLVER.STEPS", "(3,)", "SOLVER.CHECKPOINT_PERIOD", 2, "TEST.EVAL_PERIOD", 2))
+    assert "model_0000001.pth" in os.listdir(output_dir)
+    evaluated = [r["iteration"] for r in _metrics(output_dir) if "bbox/AP" in r]
+    assert evaluated == [1, 4]  # after the 2nd step (logged at its index) and after the last
+
+
+@pytest.mark.slow
 def test_resume_continues_the_iteration_count(tiny, trained):
     cfg = train_net.setup(parse_args("--config-file", tiny.config, "--resume",
                                      "OUTPUT_DIR", trained, "SOLVER.MAX_ITER", 5))

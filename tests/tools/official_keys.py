@@ -50,14 +50,17 @@ def _mlp(prefix, d, out):
     return _linear(f"{prefix}.layers.0", d, d) + _linear(f"{prefix}.layers.1", d, d) + _linear(f"{prefix}.layers.2", out, d)
 
 
-def deformable_detr_keys(variant: str, d=256, ffn=1024, layers=6, queries=300, classes=91) -> List[Tuple[str, Shape]]:
-    """models/deformable_detr.py DeformableDETR + deformable_transformer.py, R-50, 4 levels."""
+def deformable_detr_keys(
+    variant: str, d=256, ffn=1024, layers=6, queries=300, classes=91, backbone=None, channels=(512, 1024, 2048)
+) -> List[Tuple[str, Shape]]:
+    """models/deformable_detr.py DeformableDETR + deformable_transformer.py, R-50, 4 levels. Another backbone:
+    its keys (`backbone`) and the channels of the three levels it gives the neck."""
     refine = variant in ("refine", "two_stage")
     two_stage = variant == "two_stage"
-    keys = torchvision_resnet50("backbone.0.body.")
-    for i, c in enumerate((512, 1024, 2048)):
+    keys = list(backbone) if backbone is not None else torchvision_resnet50("backbone.0.body.")
+    for i, c in enumerate(channels):
         keys += [(f"input_proj.{i}.0.weight", (d, c, 1, 1)), (f"input_proj.{i}.0.bias", (d,))] + _norm(f"input_proj.{i}.1", d)
-    keys += [("input_proj.3.0.weight", (d, 2048, 3, 3)), ("input_proj.3.0.bias", (d,))] + _norm("input_proj.3.1", d)
+    keys += [("input_proj.3.0.weight", (d, channels[-1], 3, 3)), ("input_proj.3.0.bias", (d,))] + _norm("input_proj.3.1", d)
     keys += [("transformer.level_embed", (4, d))]
     for i in range(layers):
         p = f"transformer.encoder.layers.{i}"

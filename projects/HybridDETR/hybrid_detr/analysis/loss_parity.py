@@ -331,7 +331,7 @@ def official_criterion(kind: str, src: str):
         return criterion
     from . import official_comparison as harness
 
-    harness._import_official(src, stub_swin=kind == "dac_detr")
+    harness._import_official(src, dac_release=kind == "dac_detr")
     with _recording_calls(sys.modules["models.deformable_detr"], "build") as built:
         if kind == "dac_detr":
             harness.build_official_dac_detr(src)

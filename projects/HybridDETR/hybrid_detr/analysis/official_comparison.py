@@ -63,19 +63,15 @@ def _route_to_pytorch_core():
     ms_deform_attn_func.MSDeformAttnFunction.apply = staticmethod(apply)
 
 
-def _import_official(src, stub_swin=False):
-    """The official `models.deformable_detr.build` of the source tree `src`, imported with the shims."""
+def _import_official(src, dac_release=False):
+    """The official `models.deformable_detr.build` of the source tree `src`, imported with the shims.
+    `dac_release`: DAC-DETR's tree, whose backbone.py imports its Swin module (models/swin_transformer.py),
+    which takes its layers from the installed timm and imports mmcv_custom's `load_checkpoint` and mmdet's
+    `get_root_logger` for loading ImageNet weights only (`init_weights` with a path): those two are stubbed
+    (calling them is an error; `build_official_dac_detr` passes no path), the Swin itself is the official one."""
     sys.path.insert(0, os.path.abspath(src))
-    if stub_swin and "models.swin_transformer" not in sys.modules:
-        # DAC-DETR's backbone.py imports its Swin module, which needs timm, mmcv and mmdet; R-50 never uses it.
-        swin = types.ModuleType("models.swin_transformer")
-
-        class SwinTransformer:  # noqa: D401  (a stub; building it is an error)
-            def __init__(self, *args, **kwargs):
-                raise RuntimeError("the Swin backbone is stubbed out by hybrid_detr.analysis.official_comparison")
-
-        swin.SwinTransformer = SwinTransformer
-        sys.modules["models.swin_transformer"] = swin
+    if dac_release:
+        _stub_modules(["mmcv_custom", "mmdet", "mmdet.utils"])
     with _official_import_shims():
         import models.backbone as official_backbone
         from models.deformable_detr import build as official_build
@@ -202,17 +198,24 @@ def _run_official_co_detr(official, images):
     return {"pred_logits": classes[-1], "pred_boxes": boxes[-1], "enc_logits": enc_classes}
 
 
-def build_official_dac_detr(src):
-    """The DAC-DETR release's R-50 model (its main.py defaults + configs/r50_deformplus_cdn_ice_ep12.sh)."""
-    official_build = _import_official(src, stub_swin=True)
+DAC_BACKBONES = {"resnet": "resnet50", "swin": "swin_large_window12"}  # our backbone -> the release's --backbone
+
+
+def build_official_dac_detr(src, backbone="resnet"):
+    """The DAC-DETR release's model (its main.py defaults + configs/r50_deformplus_cdn_ice_ep12.sh, or with
+    `backbone` "swin" configs/swin_deformplus_cdn_ice_ep12.sh: `--backbone swin_large_window12`). The Swin is
+    built without ImageNet weights (`pretrained_backbone_path` None: its own init), and its gradient
+    checkpointing (use_checkpoint True, models/backbone.py:207) is switched off after the build: it
+    recomputes activations in the backward pass and changes no output."""
+    official_build = _import_official(src, dac_release=True)
     args = argparse.Namespace(
         dataset_file="coco", device="cpu", hidden_dim=256, position_embedding="sine", position_embedding_scale=2 * 3.141592653589793,
-        lr_backbone=2e-5, masks=False, num_feature_levels=4, backbone="resnet50", dilation=False, nheads=8, enc_layers=6,
+        lr_backbone=2e-5, masks=False, num_feature_levels=4, backbone=DAC_BACKBONES[backbone], dilation=False, nheads=8, enc_layers=6,
         dec_layers=6, dim_feedforward=2048, dropout=0.0, dec_n_points=4, enc_n_points=4, two_stage=True,
         with_box_refine=True, num_queries_one2one=900, num_queries_one2many=0, mixed_selection=True,
         look_forward_twice=True, use_checkpoint=False, aux_loss=True, frozen_weights=None, set_cost_class=2,
         set_cost_bbox=5, set_cost_giou=2, cls_loss_coef=1, bbox_loss_coef=5, giou_loss_coef=2, mask_loss_coef=1,
-        dice_loss_coef=1, focal_alpha=0.25, pretrained_backbone_path="", drop_path_rate=0.2, topk=300,
+        dice_loss_coef=1, focal_alpha=0.25, pretrained_backbone_path=None, drop_path_rate=0.2, topk=300,
     )
     # Its backbone.py loads ImageNet weights from ./initmodel/resnet50-19c8e357.pth unconditionally: every
     # weight is drawn at random below anyway, so that one load returns nothing.
@@ -226,6 +229,9 @@ def build_official_dac_detr(src):
         model, _, _ = official_build(args)
     finally:
         torch.load = load
+    if backbone == "swin":
+        for stage in model.backbone[0].body.layers:
+            stage.use_checkpoint = False
     return model.eval()
 
 
@@ -236,13 +242,17 @@ def _run_official(official, images, targets_argument):
     return official(samples, None) if targets_argument else official(samples)
 
 
+DAC_MODELS = {"dac_detr": "resnet", "dac_detr_swin_l": "swin"}  # converter -> backbone
+MIXED_SELECTION_MODELS = (*DAC_MODELS, "co_detr")
+
+
 def _build_pair(model, src, variant, seed):
     # randomize_ keeps the init of 1-d tensors (plus noise): seed it too, so that a run is reproducible.
     torch.manual_seed(seed)
     if model == "deformable_detr":
         official = build_official_deformable_detr(src, variant)
-    elif model == "dac_detr":
-        official = build_official_dac_detr(src)
+    elif model in DAC_MODELS:
+        official = build_official_dac_detr(src, DAC_MODELS[model])
     elif model == "co_detr":
         official = build_official_co_detr(src)
     else:
@@ -272,8 +282,8 @@ def _inputs(images):
 
 def compare_official(model, src, variant="plain", seed=0, inputs=("single",)):
     """Max |difference| of the last decoder layer's logits (80 classes) and boxes, ours vs official.
-    `inputs`: for dac_detr and co_detr, which of `input_sets` to run (the others: the two images as one batch)."""
-    if model in ("dac_detr", "co_detr"):
+    `inputs`: for dac_detr, dac_detr_swin_l and co_detr, which of `input_sets` to run (the others: the two images as one batch)."""
+    if model in MIXED_SELECTION_MODELS:
         return compare_mixed_selection(model, src, seed, inputs)
     official, ours, conversion = _build_pair(model, src, variant, seed)
     images = fixed_images(seed + 1)
@@ -326,7 +336,7 @@ def input_sets(seed, inputs=INPUT_SETS, coco_size=(800, 1066)):
 def _mixed_selection_figures(model, official, ours, images, captured):
     """The figures of `compare_mixed_selection` for one batch of images."""
     with torch.no_grad():
-        if model == "dac_detr":
+        if model in DAC_MODELS:
             theirs = _run_official(official, images, targets_argument=True)
             scores = captured["enc"][..., 0]
         else:
@@ -366,7 +376,7 @@ def comparison_figures(mine, pinned, theirs, encoder_difference, their_scores, o
 
 
 def compare_mixed_selection(model, src, seed=0, inputs=("single",)):
-    """DAC-DETR's release or Co-DETR's Co-Deformable-DETR vs ours on the `input_sets` named in `inputs`
+    """DAC-DETR's release (R-50 or Swin-L) or Co-DETR's Co-Deformable-DETR vs ours on the `input_sets` named in `inputs`
     (one image at a time, a padded batch, a COCO-sized image). Their configs rank the two-stage proposals
     as the official code (TWO_STAGE_MASK_INVALID False: padding tokens and border proposals too), so a
     padded batch and a COCO-sized image (which has border proposals) select the same proposals.
@@ -380,7 +390,7 @@ def compare_mixed_selection(model, src, seed=0, inputs=("single",)):
     and `swap_gap`: the largest official score gap between the proposals swapped there."""
     official, ours, conversion = _build_pair(model, src, "", seed)
     captured = {}
-    if model == "dac_detr":
+    if model in DAC_MODELS:
         official.transformer.register_forward_hook(lambda module, args, outputs: captured.update(enc=outputs[3]))
     result = {"config": conversion.config_name, "model": model, "seed": seed}
     for name, batches in input_sets(seed, inputs).items():
@@ -421,7 +431,7 @@ def mixed_selection_verdict(result, tolerance):
 def verdict(model, variant, result, tolerance):
     """The comparison's line(s) and whether it passes: every difference within `tolerance`; with mixed
     selection, one line per input set (`mixed_selection_verdict`)."""
-    if model in ("dac_detr", "co_detr"):
+    if model in MIXED_SELECTION_MODELS:
         lines, ok = mixed_selection_verdict(result, tolerance)
         return "\n".join(lines), ok
     ok = max(result["logits"], result["boxes"]) <= tolerance

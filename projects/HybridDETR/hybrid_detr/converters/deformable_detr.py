@@ -7,22 +7,20 @@ Key names as in the official model definition (`models/deformable_detr.py`, `bac
 enc_output_norm, pos_trans, pos_trans_norm}`, `class_embed.*`, `bbox_embed.*`, `query_embed`; with
 refinement / two-stage the decoder also holds the heads as `transformer.decoder.bbox_embed.*` /
 `class_embed.*` (the same tensors, checked and dropped here).
+
+`convert_deformable_detr(official, backbone, family)` also converts that layout for a family built on it
+with a backbone of its own (DAC-DETR's Swin-L release, `converters/dac_detr.py`): only the backbone step
+(`converters/backbones.py`) differs.
 """
 import re
 from typing import Dict
 
 import torch
 
-from .common import (
-    Conversion,
-    ConversionError,
-    StateDictReader,
-    coco91_to_80,
-    register_converter,
-    convert_torchvision_backbone,
-)
+from .backbones import RESNET_PREFIX, DetectorBackbones, backbone_levels, convert_detector_backbone
+from .common import Conversion, ConversionError, StateDictReader, coco91_to_80, register_converter
 
-__all__ = ["convert_deformable_detr"]
+__all__ = ["convert_deformable_detr", "DEFORMABLE_DETR_BACKBONES"]
 
 _ENCODER_LAYER = {  # official encoder-layer name -> ours
     "norm1": "norm",
@@ -46,6 +44,10 @@ _TWO_STAGE = {  # official two-stage transformer modules -> ours
     "transformer.pos_trans_norm": "query_source.position_norm",
 }
 
+# The official Deformable DETR is R-50 only; a Swin where its ResNet would be (DAC-DETR's Swin-L) is refused.
+DEFORMABLE_DETR_BACKBONES = DetectorBackbones(
+    family="Deformable DETR", swin_prefix=RESNET_PREFIX, converters={"resnet": "deformable_detr"}
+)
 CONFIGS = {
     "plain": ("coco/deformable_detr_r50_50ep.yaml", "Deformable DETR, R-50"),
     "refine": ("coco/deformable_detr_r50_box_refine_50ep.yaml", "Deformable DETR, R-50, + iterative box refinement"),
@@ -59,7 +61,7 @@ CONFIGS = {
 def _layer_count(reader: StateDictReader, prefix: str) -> int:
     indices = {int(m.group(1)) for k in reader.state_dict for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
     if not indices or indices != set(range(max(indices) + 1)):
-        raise ConversionError(f"deformable_detr checkpoint: no consecutive '{prefix}N.*' keys (found {sorted(indices)})")
+        raise ConversionError(f"{reader.model} checkpoint: no consecutive '{prefix}N.*' keys (found {sorted(indices)})")
     return len(indices)
 
 
@@ -86,20 +88,25 @@ def convert_neck_and_transformer_layers(reader, out: Dict[str, torch.Tensor], nu
 
 
 @register_converter("deformable_detr")
-def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
-    """An official Deformable DETR state dict -> HybridDETR's (detectron2 ResNet, 80 classes)."""
-    reader = StateDictReader(official, "deformable_detr")
+def convert_deformable_detr(
+    official: Dict[str, torch.Tensor], backbone: str = "resnet", family: DetectorBackbones = DEFORMABLE_DETR_BACKBONES
+) -> Conversion:
+    """An official Deformable DETR state dict -> HybridDETR's (detectron2 ResNet, 80 classes), with the
+    config of its variant. `family`, `backbone`: a family built on this layout and its backbone (errors then
+    name `family.converters[backbone]`; the config returned is still the R-50 Deformable DETR's, which such a
+    family's converter replaces by its own)."""
+    if backbone not in family.converters:
+        raise ValueError(f"backbone {backbone!r}: {family.family} comes with {sorted(family.converters)}")
+    reader = StateDictReader(official, family.converters[backbone])
     for marker in ("transformer.encoder.layers.0.self_attn.sampling_offsets.weight", "class_embed.0.weight"):
         reader.get(marker)  # a clear error for a checkpoint of another kind
     out: Dict[str, torch.Tensor] = {}
-    notes = []
 
-    # Backbone: torchvision ResNet -> detectron2 ResNet (FrozenBN buffers included).
-    convert_torchvision_backbone(reader, out)
-
-    # Input projections: the backbone levels, then the extra stride-2 levels.
+    # Input projections: 1x1 convs on the backbone levels, then 3x3 stride-2 convs (extra levels); the
+    # backbone after them, which tell how many of its levels the neck takes.
     num_levels = _layer_count(reader, "input_proj.")
-    num_backbone_levels = sum(1 for k in out if re.fullmatch(r"backbone\.res[345]\.0\.conv1\.weight", k))
+    num_backbone_levels = backbone_levels(reader, num_levels)
+    notes = convert_detector_backbone(reader, out, family, backbone, num_backbone_levels)
     convert_neck_and_transformer_layers(reader, out, num_levels, num_backbone_levels)
     num_decoder_layers = _layer_count(reader, "transformer.decoder.layers.")
 
@@ -107,7 +114,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     refine = "transformer.decoder.bbox_embed.0.layers.0.weight" in reader
     if two_stage and not refine:
         raise ConversionError(
-            "deformable_detr checkpoint is two-stage without box refinement: its shared class head ranks "
+            f"{reader.model} checkpoint is two-stage without box refinement: its shared class head ranks "
             "proposals by COCO slot 0, which has no place among detectron2's 80 classes; not an official "
             "release and not supported"
         )
@@ -117,7 +124,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     num_heads = _layer_count(reader, "class_embed.")
     if num_heads != num_decoder_layers + (1 if two_stage else 0):
         raise ConversionError(
-            f"deformable_detr checkpoint: {num_heads} class heads for {num_decoder_layers} decoder layers"
+            f"{reader.model} checkpoint: {num_heads} class heads for {num_decoder_layers} decoder layers"
             f"{' + two-stage' if two_stage else ''}"
         )
     if not refine:  # one head shared by every layer: its copies in the checkpoint must agree
@@ -125,7 +132,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
             first = key.split(".", 1)[0] + ".0." + key.split(".", 2)[2]
             if not torch.equal(official[key], official[first]):
                 raise ConversionError(
-                    f"deformable_detr checkpoint without box refinement (no transformer.decoder.bbox_embed) has "
+                    f"{reader.model} checkpoint without box refinement (no transformer.decoder.bbox_embed) has "
                     f"different per-layer heads ({key} != {first}): not an official Deformable DETR model"
                 )
     heads = {}
@@ -148,7 +155,7 @@ def convert_deformable_detr(official: Dict[str, torch.Tensor]) -> Conversion:
     for alias, source in (("transformer.decoder.bbox_embed.", "bbox_embed."), ("transformer.decoder.class_embed.", "class_embed.")):
         for key in reader.keys_with_prefix(alias):
             if not torch.equal(reader.get(key), official[source + key[len(alias):]]):
-                raise ConversionError(f"deformable_detr checkpoint: {key} differs from {source + key[len(alias):]}")
+                raise ConversionError(f"{reader.model} checkpoint: {key} differs from {source + key[len(alias):]}")
 
     if two_stage:
         for source, target in _TWO_STAGE.items():

@@ -45,21 +45,14 @@ proposals by the max over all 91 slots (deformable_transformer.py:342); the 11 s
 COCO class are dropped here, so ours ranks by the max over the 80 (the same ranking wherever the
 dropped slots, never a positive target in training, score below the best real class).
 """
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
-from .common import (
-    Conversion,
-    ConversionError,
-    StateDictReader,
-    coco91_to_80,
-    register_converter,
-    convert_torchvision_backbone,
-)
+from .backbones import DetectorBackbones, backbone_levels, convert_detector_backbone
+from .common import Conversion, ConversionError, StateDictReader, coco91_to_80, register_converter
 from .deformable_detr import _layer_count, convert_neck_and_transformer_layers
 from .kinds import describe_kind
-from .swin import convert_detector_swin, swin_layout
 
 __all__ = ["convert_dino", "convert_dino_swin_l", "CONFIGS", "CONVERTER_BY_BACKBONE"]
 
@@ -78,7 +71,13 @@ CONFIGS = {  # backbone -> number of feature levels -> (config, description)
 }
 CONVERTER_BY_BACKBONE = {"resnet": "dino", "swin": "dino_swin_l"}
 _BACKBONE_NAME = {"resnet": "R-50", "swin": "Swin-L"}
-_SWIN_PREFIX = "backbone.0."  # DINO's Swin is the Joiner's module 0 itself
+BACKBONES = DetectorBackbones(
+    family="DINO",
+    swin_prefix="backbone.0.",  # DINO's Swin is the Joiner's module 0 itself
+    converters=CONVERTER_BY_BACKBONE,
+    swin_origin="DINO_4scale_swin.py",
+    resnet_hint=" (a ConvNeXt DINO is not supported)",
+)
 # Keys only a DINO checkpoint has (with a two-stage "standard" DINO's encoder heads).
 _MARKERS = (
     "transformer.decoder.ref_point_head.layers.0.weight",
@@ -95,32 +94,6 @@ _DECODER_EXTRAS = {
     "transformer.decoder.ref_point_head": "decoder.ref_point_head",
     "transformer.decoder.norm": "decoder.norm",
 }
-
-
-def _convert_backbone(reader: StateDictReader, out: Dict[str, torch.Tensor], backbone: str, num_backbone_levels: int) -> List[str]:
-    """The official `backbone.0.*` -> `out["backbone.*"]`, every tensor marked used; returns notes. A
-    checkpoint with the other backbone is refused naming the converter it needs."""
-    official = reader.state_dict
-    layout = swin_layout(official, _SWIN_PREFIX)
-    if backbone == "resnet":
-        if layout is not None:
-            raise ConversionError(
-                f"dino checkpoint with a Swin backbone ({_SWIN_PREFIX}patch_embed.*, {_SWIN_PREFIX}layers.*: "
-                "DINO_4scale_swin.py): convert it with the dino_swin_l converter"
-            )
-        convert_torchvision_backbone(reader, out, " (a ConvNeXt DINO is not supported)")
-        return []
-    if layout != "swin_v1":
-        found = (
-            "a torchvision ResNet (backbone.0.body.*): convert it with the dino converter"
-            if any(k.startswith("backbone.0.body.") for k in official)
-            else f"{describe_kind(official)}, backbone keys e.g. {sorted(k for k in official if k.startswith('backbone.'))[:3]}"
-        )
-        raise ConversionError(
-            f"dino_swin_l checkpoint: expected DINO's Swin under {_SWIN_PREFIX!r} ({_SWIN_PREFIX}patch_embed.proj.*, "
-            f"{_SWIN_PREFIX}layers.*, {_SWIN_PREFIX}norm<i>.*), found {found}"
-        )
-    return convert_detector_swin(reader, _SWIN_PREFIX, out, num_backbone_levels)
 
 
 @register_converter("dino")
@@ -140,10 +113,7 @@ def convert_dino(official: Dict[str, torch.Tensor], backbone: str = "resnet") ->
 
     # Input projections: 1x1 convs on the backbone levels, then 3x3 stride-2 convs (extra levels).
     num_levels = _layer_count(reader, "input_proj.")
-    kernels = [tuple(reader.get(f"input_proj.{level}.0.weight").shape[-2:]) for level in range(num_levels)]
-    num_backbone_levels = sum(1 for k in kernels if k == (1, 1))
-    if kernels != [(1, 1)] * num_backbone_levels + [(3, 3)] * (num_levels - num_backbone_levels):
-        raise ConversionError(f"dino checkpoint: input projections with kernels {kernels}, expected 1x1 convs then 3x3 ones")
+    num_backbone_levels = backbone_levels(reader, num_levels)
     configs = CONFIGS[backbone]
     if num_levels not in configs:
         raise ConversionError(
@@ -151,7 +121,7 @@ def convert_dino(official: Dict[str, torch.Tensor], backbone: str = "resnet") ->
             "models have 4 or 5"
         )
     # Backbone: after the projections, which tell how many of its levels the neck takes.
-    notes = _convert_backbone(reader, out, backbone, num_backbone_levels)
+    notes = convert_detector_backbone(reader, out, BACKBONES, backbone, num_backbone_levels)
     convert_neck_and_transformer_layers(reader, out, num_levels, num_backbone_levels)
     num_decoder_layers = _layer_count(reader, "transformer.decoder.layers.")
     for source, target in {**_DECODER_EXTRAS, **_ENCODER_PROPOSALS}.items():

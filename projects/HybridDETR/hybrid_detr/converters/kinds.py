@@ -25,7 +25,10 @@ def describe_kind(state_dict: Dict[str, torch.Tensor]) -> str:
             swin = ", Swin backbone" if swin_layout(state_dict, "backbone.0.") else ""
             return f"a DINO checkpoint ({len(levels)} scales{swin})"
         if "label_enc.weight" in keys:
-            return "a DAC-DETR (DINO-style, CDN label_enc) checkpoint"
+            from .swin import swin_layout  # noqa: E402  (swin.py imports this module)
+
+            swin = ", Swin backbone" if swin_layout(state_dict, "backbone.0.body.") else ""
+            return f"a DAC-DETR (DINO-style, CDN label_enc) checkpoint{swin}"
         two_stage = "transformer.enc_output.weight" in keys
         refine = "transformer.decoder.bbox_embed.0.layers.0.weight" in keys
         variant = "++ two-stage" if two_stage else ("+ box refinement" if refine else "plain")

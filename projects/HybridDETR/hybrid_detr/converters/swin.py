@@ -24,7 +24,9 @@ absolute position embedding (`ape=True`, used by none of the papers' models) is 
 writes the backbone alone as a detectron2 checkpoint (for MODEL.WEIGHTS: the other weights start afresh, as
 with detectron2's ImageNet ResNets). The registered converter "co_dino_swin_l" converts the Co-DINO Swin-L
 release (`co_dino_5scale_swin_large_1x_coco.pth`) into `configs/coco/co_dino_swin_l_12ep_query_head.yaml`;
-"dino_swin_l" (`converters/dino.py`) the DINO Swin-L releases, whose Swin sits under `backbone.0.`.
+"dino_swin_l" (`converters/dino.py`) the DINO Swin-L releases, whose Swin sits under `backbone.0.`, and
+"dac_detr_swin_l" (`converters/dac_detr.py`) the DAC-DETR Swin-L release, under `backbone.0.body.` (both through
+`converters/backbones.py`).
 """
 import argparse
 import re

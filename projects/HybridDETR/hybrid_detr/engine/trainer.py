@@ -142,10 +142,15 @@ class Trainer(DefaultTrainer):
 
         - the EMA update (MODEL_EMA.ENABLED) right after the step, before anything that saves or
           evaluates the model;
+        - evaluation (on the EMA weights when there are any) **before** the checkpoint of the same
+          iteration, unlike DefaultTrainer: the checkpointer writes and flushes the file writers first,
+          and a JSON writer never goes back to an iteration it has written, so an evaluation after it
+          would be missing from metrics.json whenever TEST.EVAL_PERIOD and SOLVER.CHECKPOINT_PERIOD
+          coincide. (DefaultTrainer evaluates after saving so that a failing evaluation leaves that
+          checkpoint behind; here the test sets are checked before training instead.)
+        - a finiteness check of the weights before each checkpoint, on every worker;
         - a checkpointer that first writes and flushes the file writers (not the console printer,
           whose ETA needs one write per iteration), so a checkpoint's metrics are on disk with it;
-        - evaluation on the EMA weights when there are any;
-        - a finiteness check of the weights before each checkpoint, on every worker;
         - the writers every `WRITER_PERIOD` iterations (and every `EARLY_WRITE_SECONDS` before the first).
         """
         cfg = self.cfg.clone()
@@ -161,15 +166,15 @@ class Trainer(DefaultTrainer):
             ret.append(hooks.PreciseBN(
                 cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
             ))
+        evaluate = self._evaluate_and_keep_results
+        if self.model_ema is not None:
+            evaluate = self._with_ema(evaluate)
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate))
         # Every worker, so that all stop together when the weights diverged.
         ret.append(FiniteWeightsBeforeCheckpoint(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
         if main:
             files = [w for w in writers if not isinstance(w, CommonMetricPrinter)]
             ret.append(FlushingPeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, files))
-        evaluate = self._evaluate_and_keep_results
-        if self.model_ema is not None:
-            evaluate = self._with_ema(evaluate)
-        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate))
         if main:
             # Last, so that the evaluation metrics are written too.
             ret.append(EarlyPeriodicWriter(writers, period=self.WRITER_PERIOD, early_seconds=self.EARLY_WRITE_SECONDS))
