@@ -56,10 +56,8 @@ PLUS_PLUS = {"MODEL.HYBRID_DETR.TWO_STAGE": True, "MODEL.HYBRID_DETR.WITH_BOX_RE
         (
             "coco/co_dino_r50_12ep_query_head.yaml",
             "coco/dino_r50_5scale_12ep.yaml",
-            {"MODEL.HYBRID_DETR.SHARE_DECODER_HEADS": False, "MODEL.HYBRID_DETR.GIOU_EPS": 0.0,
-             "DATALOADER.FILTER_EMPTY_ANNOTATIONS": False, **{
-                f"SOLVER.{k}": v for k, v in {"BASE_LR": 0.0002, "MAX_ITER": 88716, "STEPS": (81323,), "CHECKPOINT_PERIOD": 7393}.items()
-            }},
+            # Both train on all 118,287 images with a batch of 16 (7,393 iterations per epoch).
+            {"MODEL.HYBRID_DETR.SHARE_DECODER_HEADS": False, "MODEL.HYBRID_DETR.GIOU_EPS": 0.0, "SOLVER.BASE_LR": 0.0002},
         ),
     ],
 )

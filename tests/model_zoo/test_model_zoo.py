@@ -55,7 +55,8 @@ def test_coco_configs_follow_the_paper():
         clip = cfg.SOLVER.CLIP_GRADIENTS
         assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 0.1
         assert cfg.SOLVER.IMS_PER_BATCH == 32
-        iters_per_epoch = 3665  # 117,266 non-empty train2017 images / 32
+        assert not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS  # the official code trains on the empty images too
+        iters_per_epoch = 3696  # ceil(118,287 / 8) images per process, 4 at a time
         epochs = 12 if "12ep" in name else 50
         drop = 11 if epochs == 12 else 40
         assert cfg.SOLVER.MAX_ITER == epochs * iters_per_epoch
