@@ -44,6 +44,13 @@ installed=$(cd / && "$PY" -c "import hybrid_detr._C, hybrid_detr, os; print(os.p
 if [ "$want" != "$have" ] || [ "$installed" != "$ROOT/projects/HybridDETR" ]; then
     say "building the hybrid_detr extension (CUDA kernels take a few minutes on 2 cores)"
     (cd "$ROOT" && MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .)
+    # Its error path too: a compiler that links its own libstdc++ builds an extension that crashes on the
+    # op's first error message (tools/check_extension.py says more).
+    if ! (cd "$ROOT" && "$PY" tools/check_extension.py); then
+        say "the extension built with CXX=${CXX:-c++} fails tools/check_extension.py (exit status above 128: it" \
+            "crashed); rebuild with the system compiler: CXX=/usr/bin/g++ CC=/usr/bin/gcc bash tools/bootstrap.sh"
+        exit 1
+    fi
     mkdir -p "$stamp_dir" && echo "$want" > "$stamp"
 fi
 say "ready: $("$PY" -c "import torch, detectron2, hybrid_detr; print('torch', torch.__version__, '| detectron2', detectron2.__version__, '| hybrid_detr', hybrid_detr.__version__)")"

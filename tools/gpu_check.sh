@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU machine can check, in one go (under 8 minutes on one recent GPU), then one summary:
-#   1. build:     our extension with CUDA kernels (only when the installed one has none), for this GPU's
-#                 architecture alone (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST from the device);
+#   1. build:     our extension with CUDA kernels (only when the importable one has none or fails
+#                 tools/check_extension.py), in place (setup.py build_ext --inplace: no pip, no build
+#                 isolation, so nothing is downloaded), for this GPU's architecture alone;
 #   2. op tests:  tests/layers/test_ms_deform_attn_cuda.py (fp32 / fp16 / bf16 against the reference);
 #   3. benchmark: tools/benchmark_op.py --device cuda (ours vs the pure-PyTorch reference);
 #   4. train:     the quickstart config on the GPU with fp16 AMP (SOLVER.AMP.ENABLED True: float16 autocast
@@ -19,6 +20,8 @@ OUT=${OUTPUT_DIR:-output/gpu_check}
 ITERS=${GPU_CHECK_ITERS:-300}
 CONFIG=configs/quickstart/deformable_detr_r18_synthetic.yaml
 cd "$ROOT"
+# This checkout's package first, whether or not it was pip-installed (the in-place build lands here).
+export PYTHONPATH="$ROOT/projects/HybridDETR${PYTHONPATH:+:$PYTHONPATH}"
 
 refuse() { echo "gpu_check: cannot run: $*" >&2; exit 2; }
 # detectron2 logs the loss every 20 iterations: the "loss decreased" check needs several records.
@@ -63,18 +66,29 @@ run_step() {
 }
 last_lines() { tail -n "${2:-3}" "$OUT/$1.log" | tr '\n' ' ' | cut -c1-200; }
 
-# -- 1. build (only when the loaded extension has no CUDA kernels) -------------------------------------
+# -- 1. build (only when the importable extension has no CUDA kernels) --------------------------------
 HAS_CUDA_OP='import sys, hybrid_detr.layers as l; sys.exit(0 if l._C is not None and l._C.with_cuda() else 1)'
-if "$PY" -c "$HAS_CUDA_OP" 2>/dev/null; then
+build() {  # extra environment for the compiler, e.g. CXX=...; sets RC and SECONDS_TAKEN
+    run_step build 420 env "$@" FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+        "$PY" setup.py build_ext --inplace --force
+}
+# The op's error path too (tools/check_extension.py): a compiler that links its own libstdc++ builds an
+# extension that crashes on its first error message; then one rebuild with the system's g++.
+extension_works() { "$PY" tools/check_extension.py > "$OUT/check_extension.log" 2>&1; }
+if "$PY" -c "$HAS_CUDA_OP" 2>/dev/null && extension_works; then
     record build OK 0 "already built with CUDA kernels"
 else
-    run_step build 420 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e .
-    if [ "$RC" = 0 ] && "$PY" -c "$HAS_CUDA_OP" 2>/dev/null; then
-        record build OK "$SECONDS_TAKEN" "CUDA kernels for sm $ARCH"
+    build
+    note="CUDA kernels for sm $ARCH"
+    if [ "$RC" = 0 ] && ! extension_works && [ -x /usr/bin/g++ ] && [ "${CXX:-}" != /usr/bin/g++ ]; then
+        note="$note, rebuilt with /usr/bin/g++: the build with CXX=${CXX:-c++} failed tools/check_extension.py"
+        build CXX=/usr/bin/g++ CC=/usr/bin/gcc
+    fi
+    if [ "$RC" = 0 ] && "$PY" -c "$HAS_CUDA_OP" 2>/dev/null && extension_works; then
+        record build OK "$SECONDS_TAKEN" "$note"
     else
-        record build FAIL "$SECONDS_TAKEN" "exit $RC: $(last_lines build)"
-        summary_and_exit  # nothing else can run on the GPU without the kernels
+        record build FAIL "$SECONDS_TAKEN" "exit $RC: $(last_lines build) $(last_lines check_extension 1)"
+        summary_and_exit  # nothing else can run on the GPU without working kernels
     fi
 fi
 
