@@ -39,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
@@ -365,7 +366,8 @@ def plot(summary: Dict[str, List[Dict]], path: str, title: str = "", step_time_s
     import matplotlib.pyplot as plt
 
     step_time_s = step_time_s or {}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8 + 0.32 * len(summary)))
+    # constrained layout: the legend below the plots and the (wrapped) title take the room they need
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6 + 0.2 * len(summary)), layout="constrained")
     for spec, rows in summary.items():
         if not rows:
             continue
@@ -397,10 +399,9 @@ def plot(summary: Dict[str, List[Dict]], path: str, title: str = "", step_time_s
     if target is not None:
         handles.append(plt.Line2D([], [], color="0.4", linestyle="--"))
         labels.append(f"baseline's final mean AP ({target:.1f})")
-    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8)
-    fig.subplots_adjust(bottom=0.1 + 0.045 * (len(labels) + 1), top=0.9, wspace=0.25)
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 140), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
