@@ -46,9 +46,11 @@ if [ "$want" != "$have" ] || [ "$installed" != "$ROOT/projects/HybridDETR" ]; th
     (cd "$ROOT" && MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .)
     # Its error path too: a compiler that links its own libstdc++ builds an extension that crashes on the
     # op's first error message (tools/check_extension.py says more).
-    if ! (cd "$ROOT" && "$PY" tools/check_extension.py); then
-        say "the extension built with CXX=${CXX:-c++} fails tools/check_extension.py (exit status above 128: it" \
-            "crashed); rebuild with the system compiler: CXX=/usr/bin/g++ CC=/usr/bin/gcc bash tools/bootstrap.sh"
+    check_rc=0
+    (cd "$ROOT" && "$PY" tools/check_extension.py) || check_rc=$?
+    if [ "$check_rc" != 0 ]; then
+        say "the extension built with CXX=${CXX:-c++} fails tools/check_extension.py (exit status $check_rc;" \
+            "above 128: it crashed); rebuild with the system compiler: CXX=/usr/bin/g++ CC=/usr/bin/gcc bash tools/bootstrap.sh"
         exit 1
     fi
     mkdir -p "$stamp_dir" && echo "$want" > "$stamp"

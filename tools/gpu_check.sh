@@ -66,7 +66,7 @@ run_step() {
 }
 last_lines() { tail -n "${2:-3}" "$OUT/$1.log" | tr '\n' ' ' | cut -c1-200; }
 
-# -- 1. build (only when the importable extension has no CUDA kernels) --------------------------------
+# -- 1. build (only when the importable extension has no CUDA kernels or fails its check) -------------
 HAS_CUDA_OP='import sys, hybrid_detr.layers as l; sys.exit(0 if l._C is not None and l._C.with_cuda() else 1)'
 build() {  # extra environment for the compiler, e.g. CXX=...; sets RC and SECONDS_TAKEN
     run_step build 420 env "$@" FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
